@@ -1,0 +1,33 @@
+"""sam_optax: Sharpness-Aware Minimization as Optax gradient transformations.
+
+>>> import optax, sam_optax
+>>> tx = sam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+"""
+
+from sam_optax._gradient import SAMInfo, sam_gradient, split_microbatches
+from sam_optax._masks import (
+    PathMask,
+    exclude_biases,
+    ndim_mask,
+    path_mask,
+)
+from sam_optax._perturbation import Perturbation, ascent_direction
+from sam_optax._sam import SAMState, sam
+from sam_optax._sharding import mark_varying
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "PathMask",
+    "Perturbation",
+    "SAMInfo",
+    "SAMState",
+    "ascent_direction",
+    "exclude_biases",
+    "mark_varying",
+    "ndim_mask",
+    "path_mask",
+    "sam",
+    "sam_gradient",
+    "split_microbatches",
+)
