@@ -143,8 +143,8 @@ def sam_gradient(
     >>> import sam_optax
     >>> loss = lambda w: 0.5 * jnp.sum(w ** 2)
     >>> w = jnp.array([3.0, 4.0])
-    >>> g_sam, info = sam_optax.sam_gradient(jax.grad(loss), w, jax.grad(loss)(w),
-    ...                                      rho=0.5)
+    >>> grad = jax.grad(loss)
+    >>> g_sam, info = sam_optax.sam_gradient(grad, w, grad(w), rho=0.5)
     >>> g_sam  # w + 0.5 * w / ‖w‖
     Array([3.3, 4.4], dtype=float32)
   """

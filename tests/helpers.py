@@ -1,0 +1,56 @@
+"""Small problems with known answers, shared by the tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A symmetric positive definite 5x5 matrix, fixed once for all tests.
+_rng = np.random.default_rng(0)
+_m = _rng.normal(size=(5, 5))
+A = jnp.asarray(_m @ _m.T / 5 + np.eye(5), jnp.float32)
+
+
+def quadratic_params():
+  """Params split in two leaves (2 + 3 = 5 entries), far from the optimum."""
+  return {"a": jnp.array([1.0, -2.0], jnp.float32),
+          "b": jnp.array([0.5, 3.0, -1.0], jnp.float32)}
+
+
+def flat(params):
+  return jnp.concatenate([params["a"], params["b"]])
+
+
+def unflat(vector):
+  return {"a": vector[:2], "b": vector[2:]}
+
+
+def quadratic_loss(params):
+  """L(w) = ½ wᵀAw on the concatenated params."""
+  w = flat(params)
+  return 0.5 * w @ A @ w
+
+
+quadratic_grad = jax.grad(quadratic_loss)
+
+
+def sam_step_reference(w, lr, rho):
+  """One SGD step of SAM on L = ½ wᵀAw: w − lr·A(w + ρ·Aw/‖Aw‖)."""
+  g = A @ w
+  return w - lr * A @ (w + rho * g / jnp.linalg.norm(g))
+
+
+def asam_step_reference(w, lr, rho, eta):
+  """One SGD step of ASAM: T = |w|+η, ε = ρ·T²g/‖Tg‖."""
+  g = A @ w
+  t = jnp.abs(w) + eta
+  eps = rho * t * t * g / jnp.linalg.norm(t * g)
+  return w - lr * A @ (w + eps)
+
+
+def random_tree(seed, shapes, scale=1.0):
+  """A dict pytree of float32 normals with the given shapes."""
+  rng = np.random.default_rng(seed)
+  return {f"leaf{i}": jnp.asarray(scale * rng.normal(size=s), jnp.float32)
+          for i, s in enumerate(shapes)}

@@ -1,0 +1,582 @@
+"""Data-parallel SAM on 8 fake CPU devices: pmap and shard_map.
+
+Run this file in its own process, ``pytest tests/test_multidevice.py``: the
+number of CPU devices can only be set before JAX initialises its backends.
+
+Every test compares against a hand-written reference computed on one device
+(numpy for the ascent arithmetic, ``jax.grad`` of a tiny two-layer tanh model
+for the per-shard gradients): for each shard ``i``, ``g_i = ∇L_i(w)``,
+``ε_i`` from the ascent gradient (``g_i``, or a group/global mean of them),
+``gs_i = ∇L_i(w + ε_i)``, ``g_sam = mean_i gs_i``, then the base optimizer.
+"""
+
+import jax
+
+_DEVICE_ERROR = None
+try:
+  jax.config.update("jax_num_cpu_devices", 8)
+except RuntimeError as e:  # Backends already initialised by another module.
+  _DEVICE_ERROR = e
+if jax.device_count() != 8:
+  raise RuntimeError(
+      f"tests/test_multidevice.py needs 8 CPU devices, got "
+      f"{jax.device_count()} ({_DEVICE_ERROR or 'jax_num_cpu_devices ignored'})"
+      ". JAX was initialised before this module could set "
+      "jax_num_cpu_devices=8: run this file in its own process, "
+      "`python -m pytest tests/test_multidevice.py`.")
+
+import functools  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import sam_optax  # noqa: E402
+
+N_DEV = 8
+PER_DEV = 4
+LR = 0.1
+SAM_RHO = 0.1
+ASAM_RHO = 0.5
+ETA = 0.01
+ATOL = 1e-6
+RTOL = 1e-5
+MESH = Mesh(np.array(jax.devices()), ("batch",))
+
+# ------------------------------------------------------------------ problem
+
+
+def init_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      "w1": (0.7 * rng.standard_normal((3, 4))).astype(np.float32),
+      "b1": (0.1 * rng.standard_normal(4)).astype(np.float32),
+      "w2": (0.7 * rng.standard_normal(4)).astype(np.float32),
+      "b2": np.float32(0.2),
+  }
+
+
+def make_data(seed=1, zero_shards=()):
+  """Per-device shards ``(N_DEV, PER_DEV, ...)``: x, y and example weights.
+
+  The targets differ from shard to shard so that the local gradients, hence
+  the per-shard ascent directions, point in clearly different directions.
+  Shards in ``zero_shards`` get weight 0: zero loss and zero gradient.
+  """
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((N_DEV, PER_DEV, 3)).astype(np.float32)
+  offsets = np.linspace(-1.5, 1.5, N_DEV)[:, None]
+  y = (np.sin(2.0 * x[..., 0]) * np.cos(np.arange(N_DEV))[:, None] + offsets
+       + 0.3 * rng.standard_normal((N_DEV, PER_DEV))).astype(np.float32)
+  m = np.ones((N_DEV, PER_DEV), np.float32)
+  for i in zero_shards:
+    m[i] = 0.0
+  return x, y, m
+
+
+def loss_fn(params, x, y, m):
+  h = jnp.tanh(x @ params["w1"] + params["b1"])
+  pred = h @ params["w2"] + params["b2"]
+  return jnp.sum(m * (pred - y) ** 2) / y.shape[0]
+
+
+_ref_grad = jax.jit(jax.grad(loss_fn))
+_ref_loss = jax.jit(loss_fn)
+
+BASES = {
+    "sgd": lambda: optax.sgd(LR),
+    "momentum": lambda: optax.sgd(LR, momentum=0.9),
+    "adam": lambda: optax.adam(0.01),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _ref_base_update(base):
+  tx = BASES[base]()
+  return tx, jax.jit(tx.update)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def _np(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _norm(tree):
+  return float(np.sqrt(sum(np.sum(np.square(a))
+                           for a in jax.tree.leaves(tree))))
+
+
+def ref_epsilon(g, w, rho, adaptive, eta=ETA, eps=1e-12):
+  """The SAM / ASAM perturbation, written out in float64 numpy."""
+  g, w = _np(g), _np(w)
+  if adaptive:
+    t = jax.tree.map(lambda a: np.abs(a) + eta, w)
+    tg = jax.tree.map(np.multiply, t, g)
+    n = _norm(tg)
+    direction = jax.tree.map(np.multiply, t, tg)
+  else:
+    n = _norm(g)
+    direction = g
+  if n == 0.0:
+    return jax.tree.map(np.zeros_like, g)
+  return jax.tree.map(lambda d: rho * d / (n + eps), direction)
+
+
+def _tree_mean(trees):
+  return jax.tree.map(lambda *a: np.mean(np.stack(a), axis=0), *trees)
+
+
+def ref_run(params, data, *, adaptive=False, rho=None, ascent="local",
+            base="sgd", steps=2, eps=1e-12, m_split=1):
+  """Hand-written data-parallel SAM.
+
+  Args:
+    ascent: ``'local'`` (ε_i from g_i), ``'global'`` (ε from mean_i g_i) or
+      a list of device groups (ε_i from the mean over i's group).
+    m_split: split every device's batch into this many micro-batches, each
+      with its own ε (in-device m-sharpness).
+
+  Returns:
+    ``(params, info)`` with the last step's mean ‖g_i‖, mean ‖ε_i‖, mean
+    clean and perturbed losses.
+  """
+  if rho is None:
+    rho = ASAM_RHO if adaptive else SAM_RHO
+  x, y, m = data
+  n_chunks = N_DEV * m_split
+  shards = [(x.reshape(n_chunks, -1, 3)[i], y.reshape(n_chunks, -1)[i],
+             m.reshape(n_chunks, -1)[i]) for i in range(n_chunks)]
+  if ascent == "local":
+    groups = [[i] for i in range(N_DEV)]
+  elif ascent == "global":
+    groups = [list(range(N_DEV))]
+  else:
+    groups = [list(grp) for grp in ascent]
+  tx, base_update = _ref_base_update(base)
+  base_state = tx.init(params)
+  w = jax.tree.map(jnp.asarray, params)
+  for _ in range(steps):
+    grads = [_np(_ref_grad(w, *s)) for s in shards]
+    ascent_grads = []
+    for i in range(n_chunks):
+      if m_split > 1:  # Micro-batches: always their own gradient.
+        ascent_grads.append(grads[i])
+      else:
+        grp = next(grp for grp in groups if i in grp)
+        ascent_grads.append(_tree_mean([grads[j] for j in grp]))
+    epsilons = [ref_epsilon(g, w, rho, adaptive, eps=eps)
+                for g in ascent_grads]
+    perturbed = [jax.tree.map(lambda a, e: (np.asarray(a, np.float64) + e)
+                              .astype(np.float32), w, e) for e in epsilons]
+    sam_grads = [_np(_ref_grad(p, *s)) for p, s in zip(perturbed, shards)]
+    g_sam = jax.tree.map(lambda a: a.astype(np.float32),
+                         _tree_mean(sam_grads))
+    info = {
+        "grad_norm": np.mean([_norm(g) for g in ascent_grads]),
+        "perturbation_norm": np.mean([_norm(e) for e in epsilons]),
+        "loss": np.mean([float(_ref_loss(w, *s)) for s in shards]),
+        "perturbed_loss": np.mean(
+            [float(_ref_loss(p, *s)) for p, s in zip(perturbed, shards)]),
+    }
+    updates, base_state = base_update(g_sam, base_state, w)
+    w = optax.apply_updates(w, updates)
+  return jax.tree.map(np.asarray, w), info
+
+
+def assert_close(actual, expected, atol=ATOL, rtol=RTOL):
+  jax.tree.map(
+      lambda a, e: np.testing.assert_allclose(
+          np.asarray(a), np.asarray(e), atol=atol, rtol=rtol),
+      actual, expected)
+
+
+def max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - y)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def assert_differs(a, b, at_least=1e-3):
+  diff = max_abs_diff(a, b)
+  assert diff > at_least, (
+      f"the test problem cannot tell these apart (max |diff| = {diff:.2e})")
+
+
+# ------------------------------------------------------------------ runners
+
+
+def make_tx(base="sgd", adaptive=False, rho=None, **kwargs):
+  if rho is None:
+    rho = ASAM_RHO if adaptive else SAM_RHO
+  return sam_optax.sam(BASES[base](), rho=rho, adaptive=adaptive, eta=ETA,
+                       **kwargs)
+
+
+def _freeze(kwargs):
+  def hashable(v):
+    if isinstance(v, list):
+      return tuple(hashable(x) for x in v)
+    return v
+  return tuple(sorted((k, hashable(v)) for k, v in kwargs.items()))
+
+
+def _step_body(tx, value_and_grad=False, microbatches=1, mark=None):
+  """The per-device training step: local gradient, then ``tx.update``."""
+
+  def step(params, state, x, y, m):
+    local = params if mark is None else sam_optax.mark_varying(params, mark)
+    if microbatches > 1:
+      xs, ys, ms = sam_optax.split_microbatches((x, y, m), microbatches)
+      grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0, 0))(
+          local, xs, ys, ms)
+      grad_fn = lambda p: jax.vmap(jax.grad(loss_fn))(p, xs, ys, ms)
+      updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    elif value_and_grad:
+      loss, grads = jax.value_and_grad(loss_fn)(local, x, y, m)
+      grad_fn = lambda p: jax.value_and_grad(loss_fn)(p, x, y, m)
+      updates, state = tx.update(grads, state, params, grad_fn=grad_fn,
+                                 value=loss)
+    else:
+      grads = jax.grad(loss_fn)(local, x, y, m)
+      grad_fn = lambda p: jax.grad(loss_fn)(p, x, y, m)
+      updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+@functools.lru_cache(maxsize=None)
+def _pmap_step(bound_axis, microbatches, frozen):
+  kwargs = dict(frozen)
+  tx = make_tx(**kwargs)
+  step = jax.pmap(
+      _step_body(tx, kwargs.get("value_and_grad", False), microbatches),
+      axis_name=bound_axis)
+  return tx, step
+
+
+def _replicate(tree):
+  return jax.tree.map(lambda a: np.stack([np.asarray(a)] * N_DEV), tree)
+
+
+def run_pmap(params, data, steps=2, bound_axis="batch", microbatches=1,
+             **kwargs):
+  """Runs ``steps`` pmapped steps; returns the per-device params and state."""
+  kwargs.setdefault("axis_name", "batch")
+  tx, step = _pmap_step(bound_axis, microbatches, _freeze(kwargs))
+  p, state = _replicate(params), _replicate(tx.init(params))
+  for _ in range(steps):
+    p, state = step(p, state, *data)
+  return p, state
+
+
+@functools.lru_cache(maxsize=None)
+def _shmap_step(check_vma, mark, frozen):
+  tx = make_tx(**dict(frozen))
+  step = jax.shard_map(
+      _step_body(tx, mark="batch" if mark else None), mesh=MESH,
+      in_specs=(P(), P(), P("batch"), P("batch"), P("batch")),
+      out_specs=(P(), P()), check_vma=check_vma)
+  return tx, jax.jit(step)
+
+
+def run_shard_map(params, data, steps=2, check_vma=True, mark=True,
+                  **kwargs):
+  kwargs.setdefault("axis_name", "batch")
+  tx, step = _shmap_step(check_vma, mark, _freeze(kwargs))
+  replicated = NamedSharding(MESH, P())
+  batch = NamedSharding(MESH, P("batch"))
+  p = jax.device_put(jax.tree.map(jnp.asarray, params), replicated)
+  state = jax.device_put(tx.init(params), replicated)
+  x, y, m = (jax.device_put(a.reshape((N_DEV * PER_DEV,) + a.shape[2:]),
+                            batch) for a in data)
+  for _ in range(steps):
+    p, state = step(p, state, x, y, m)
+  return p, state
+
+
+def assert_replicated(tree):
+  """Every leaf of a pmap output is identical on all devices."""
+  for leaf in jax.tree.leaves(tree):
+    leaf = np.asarray(leaf)
+    for i in range(1, N_DEV):
+      np.testing.assert_array_equal(leaf[i], leaf[0])
+
+
+def first(tree):
+  return jax.tree.map(lambda a: np.asarray(a)[0], tree)
+
+
+PARAMS = init_params()
+DATA = make_data()
+
+# -------------------------------------------------------------------- tests
+
+
+def test_eight_devices():
+  assert jax.device_count() == N_DEV
+
+
+def test_problem_separates_local_from_global_ascent():
+  # Guards the other tests: on this problem the per-shard (m = per-device
+  # batch) and the global (m = global batch) ascent give clearly different
+  # params, so an implementation that syncs the ascent by mistake fails.
+  for adaptive in (False, True):
+    local, _ = ref_run(PARAMS, DATA, adaptive=adaptive)
+    glob, _ = ref_run(PARAMS, DATA, adaptive=adaptive, ascent="global")
+    no_sam, _ = ref_run(PARAMS, DATA, adaptive=adaptive, rho=0.0)
+    assert_differs(local, glob)
+    assert_differs(local, no_sam)
+    assert_differs(glob, no_sam)
+
+
+@pytest.mark.parametrize("base", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_pmap_matches_per_shard_reference(adaptive, base):
+  params, state = run_pmap(PARAMS, DATA, adaptive=adaptive, base=base)
+  assert_replicated((params, state))
+  expected, _ = ref_run(PARAMS, DATA, adaptive=adaptive, base=base)
+  assert_close(first(params), expected)
+  glob, _ = ref_run(PARAMS, DATA, adaptive=adaptive, base=base,
+                    ascent="global")
+  assert_differs(first(params), glob)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_shard_map_matches_per_shard_reference(adaptive, check_vma):
+  # check_vma=True: local gradients need mark_varying; check_vma=False: plain
+  # jax.grad w.r.t. the replicated params is already local.
+  params, _ = run_shard_map(PARAMS, DATA, adaptive=adaptive,
+                            check_vma=check_vma, mark=check_vma)
+  expected, _ = ref_run(PARAMS, DATA, adaptive=adaptive)
+  assert_close(params, expected)
+  glob, _ = ref_run(PARAMS, DATA, adaptive=adaptive, ascent="global")
+  assert_differs(params, glob)
+
+
+def test_shard_map_and_pmap_agree():
+  via_pmap, pmap_state = run_pmap(PARAMS, DATA, base="momentum")
+  via_shmap, shmap_state = run_shard_map(PARAMS, DATA, base="momentum")
+  assert_close(via_shmap, first(via_pmap))
+  assert_close(shmap_state, first(pmap_state))
+
+
+def test_mark_varying_is_identity_outside_vma_tracking():
+  params = jax.tree.map(jnp.asarray, PARAMS)
+  assert sam_optax.mark_varying(params, "batch") is not None
+  assert_close(sam_optax.mark_varying(params, "batch"), params, atol=0, rtol=0)
+
+  def f(w):
+    return sam_optax.mark_varying(w, "batch")
+
+  out = jax.pmap(f, axis_name="batch")(_replicate(PARAMS))
+  assert_close(first(out), PARAMS, atol=0, rtol=0)
+
+
+def test_mark_varying_makes_grads_local_under_shard_map():
+  x, y, m = DATA
+
+  def grads(params, x, y, m, mark):
+    local = sam_optax.mark_varying(params, "batch") if mark else params
+    g = jax.grad(loss_fn)(local, x, y, m)
+    return jax.tree.map(lambda a: a[None], g)
+
+  shards = NamedSharding(MESH, P("batch"))
+  flat = [jax.device_put(a.reshape((N_DEV * PER_DEV,) + a.shape[2:]), shards)
+          for a in (x, y, m)]
+  for mark in (True, False):
+    f = jax.jit(jax.shard_map(
+        functools.partial(grads, mark=mark), mesh=MESH,
+        in_specs=(P(), P("batch"), P("batch"), P("batch")),
+        out_specs=P("batch")))
+    out = f(jax.tree.map(jnp.asarray, PARAMS), *flat)
+    local = [_ref_grad(PARAMS, x[i], y[i], m[i]) for i in range(N_DEV)]
+    for i in range(N_DEV):
+      expected = (local[i] if mark else
+                  jax.tree.map(lambda *a: sum(a), *local))
+      assert_close(jax.tree.map(lambda a, i=i: a[i], out), expected)
+
+
+@pytest.mark.parametrize("sync_ascent", [False, True])
+def test_shard_map_rejects_invariant_grads_unless_synced(sync_ascent):
+  # The caller forgot mark_varying: under check_vma=True its gradient is the
+  # psum over shards, and a per-shard ascent would silently become global.
+  if not sync_ascent:
+    with pytest.raises(ValueError, match="mark_varying"):
+      run_shard_map(PARAMS, DATA, steps=1, check_vma=True, mark=False)
+    return
+  # With sync_ascent the ascent is global anyway: the summed gradient has the
+  # mean's direction and the result is the global reference.
+  params, _ = run_shard_map(PARAMS, DATA, check_vma=True, mark=False,
+                            sync_ascent=True)
+  expected, _ = ref_run(PARAMS, DATA, ascent="global")
+  assert_close(params, expected)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_pmap_sync_ascent_matches_global_reference(adaptive):
+  params, state = run_pmap(PARAMS, DATA, adaptive=adaptive, sync_ascent=True)
+  assert_replicated((params, state))
+  expected, info = ref_run(PARAMS, DATA, adaptive=adaptive, ascent="global")
+  assert_close(first(params), expected)
+  local, _ = ref_run(PARAMS, DATA, adaptive=adaptive)
+  assert_differs(first(params), local)
+  np.testing.assert_allclose(first(state).grad_norm, info["grad_norm"],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_shard_map_sync_ascent_matches_global_reference(adaptive, check_vma):
+  # With check_vma=True the synced ε is invariant; the library must make the
+  # perturbed params varying, or grad_fn's gradient comes back psummed (x8).
+  params, state = run_shard_map(PARAMS, DATA, adaptive=adaptive,
+                                check_vma=check_vma, mark=check_vma,
+                                sync_ascent=True)
+  expected, info = ref_run(PARAMS, DATA, adaptive=adaptive, ascent="global")
+  assert_close(params, expected)
+  np.testing.assert_allclose(state.grad_norm, info["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [
+    [[0, 1, 2, 3], [4, 5, 6, 7]],
+    [[0, 2, 4, 6], [1, 3, 5, 7]],
+    [[0, 1], [2, 3], [4, 5], [6, 7]],
+], ids=["halves", "interleaved", "pairs"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_pmap_ascent_groups_match_group_reference(adaptive, groups):
+  params, state = run_pmap(PARAMS, DATA, adaptive=adaptive,
+                           ascent_groups=groups)
+  assert_replicated((params, state))
+  expected, info = ref_run(PARAMS, DATA, adaptive=adaptive, ascent=groups)
+  assert_close(first(params), expected)
+  for other in ("local", "global"):
+    ref, _ = ref_run(PARAMS, DATA, adaptive=adaptive, ascent=other)
+    assert_differs(first(params), ref)
+  np.testing.assert_allclose(first(state).grad_norm, info["grad_norm"],
+                             rtol=1e-5)
+
+
+def test_ascent_groups_under_shard_map_is_an_error():
+  # axis_index_groups is not supported by shard_map: it must fail loudly
+  # rather than silently ignore the groups.
+  with pytest.raises((ValueError, NotImplementedError)):
+    run_shard_map(PARAMS, DATA, steps=1,
+                  ascent_groups=[[0, 1, 2, 3], [4, 5, 6, 7]])
+
+
+@pytest.mark.parametrize("eps", [1e-12, 0.0])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_zero_gradient_on_one_shard(adaptive, eps):
+  data = make_data(zero_shards=(5,))
+  params, state = run_pmap(PARAMS, data, adaptive=adaptive, eps=eps)
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves((params, state)))
+  assert_replicated((params, state))
+  expected, info = ref_run(PARAMS, data, adaptive=adaptive, eps=eps)
+  assert_close(first(params), expected)
+  # Shard 5 has ε = 0: the mean achieved ‖ε‖ is 7/8 of the others' mean.
+  np.testing.assert_allclose(first(state).perturbation_norm,
+                             info["perturbation_norm"], rtol=1e-5)
+  if not adaptive:
+    np.testing.assert_allclose(first(state).perturbation_norm,
+                               SAM_RHO * 7 / 8, rtol=1e-5)
+  # Also under shard_map.
+  params, _ = run_shard_map(PARAMS, data, adaptive=adaptive, eps=eps)
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(params))
+  assert_close(params, expected)
+
+
+def test_zero_gradient_on_every_shard_leaves_params_unchanged():
+  data = make_data(zero_shards=range(N_DEV))
+  params, state = run_pmap(PARAMS, data, eps=0.0)
+  assert_close(first(params), PARAMS, atol=0, rtol=0)
+  assert float(first(state).grad_norm) == 0.0
+  assert float(first(state).perturbation_norm) == 0.0
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_state_is_replicated_and_logs_mean_norms(adaptive):
+  params, state = run_pmap(PARAMS, DATA, adaptive=adaptive, base="momentum")
+  # The whole state, momentum trace and logging scalars included, is
+  # identical on every device (no per-shard drift).
+  assert_replicated(state)
+  _, info = ref_run(PARAMS, DATA, adaptive=adaptive, base="momentum")
+  s = first(state)
+  assert int(s.sam_count) == 2
+  np.testing.assert_allclose(s.grad_norm, info["grad_norm"], rtol=1e-5)
+  np.testing.assert_allclose(s.perturbation_norm, info["perturbation_norm"],
+                             rtol=1e-5)
+  if not adaptive:  # ‖ε_i‖ = ρ on every shard.
+    np.testing.assert_allclose(s.perturbation_norm, SAM_RHO, rtol=1e-5)
+  # The mean of the local norms, not the norm of the mean gradient.
+  _, glob = ref_run(PARAMS, DATA, adaptive=adaptive, base="momentum",
+                    ascent="global")
+  assert abs(float(s.grad_norm) - glob["grad_norm"]) > 1e-2 * glob[
+      "grad_norm"]
+
+
+def test_shard_map_state_is_replicated():
+  # out_specs=P() with check_vma=True only compiles if every state leaf is
+  # invariant over the axis; the values are the per-shard means.
+  _, state = run_shard_map(PARAMS, DATA, base="momentum")
+  _, info = ref_run(PARAMS, DATA, base="momentum")
+  np.testing.assert_allclose(state.grad_norm, info["grad_norm"], rtol=1e-5)
+  np.testing.assert_allclose(state.perturbation_norm, SAM_RHO, rtol=1e-5)
+
+
+def test_pmap_value_and_grad_logs_mean_losses():
+  params, state = run_pmap(PARAMS, DATA, value_and_grad=True)
+  assert_replicated((params, state))
+  expected, info = ref_run(PARAMS, DATA)
+  assert_close(first(params), expected)
+  s = first(state)
+  np.testing.assert_allclose(s.perturbed_loss, info["perturbed_loss"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(s.sharpness,
+                             info["perturbed_loss"] - info["loss"],
+                             rtol=1e-4, atol=1e-6)
+  assert float(s.sharpness) > 0
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_pmap_microbatched_is_m_sharpness_over_all_microbatches(adaptive):
+  # 2 micro-batches of 2 per device: 16 ε's, 16 SAM gradients averaged.
+  params, state = run_pmap(PARAMS, DATA, adaptive=adaptive, microbatches=2,
+                           microbatched=True)
+  assert_replicated((params, state))
+  expected, info = ref_run(PARAMS, DATA, adaptive=adaptive, m_split=2)
+  assert_close(first(params), expected)
+  per_device, _ = ref_run(PARAMS, DATA, adaptive=adaptive)
+  assert_differs(first(params), per_device)
+  np.testing.assert_allclose(first(state).grad_norm, info["grad_norm"],
+                             rtol=1e-5)
+
+
+def test_unbound_axis_name_under_pmap_raises():
+  with pytest.raises(ValueError, match="outside a jax.pmap or jax.shard_map"):
+    run_pmap(PARAMS, DATA, steps=1, bound_axis="data", axis_name="batch")
+
+
+def test_unbound_axis_name_under_shard_map_raises():
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  tx = make_tx(axis_name="batch")
+  step = jax.shard_map(
+      _step_body(tx, mark="data"), mesh=mesh,
+      in_specs=(P(), P(), P("data"), P("data"), P("data")),
+      out_specs=(P(), P()))
+  x, y, m = (a.reshape((N_DEV * PER_DEV,) + a.shape[2:]) for a in DATA)
+  with pytest.raises(ValueError, match="'batch'"):
+    jax.jit(step)(PARAMS, tx.init(PARAMS), x, y, m)
+
+
+def test_axis_name_without_any_map_raises():
+  tx = make_tx(axis_name="batch")
+  step = jax.jit(_step_body(tx))
+  x, y, m = DATA
+  with pytest.raises(ValueError, match="axis_name=None"):
+    step(PARAMS, tx.init(PARAMS), x[0], y[0], m[0])
