@@ -155,6 +155,7 @@ def perturb(params: Any, epsilon: Any, *, keep_dtype: bool = True) -> Any:
   def add(w, e):
     if not _is_float(w):
       return w
+    w = jnp.asarray(w)
     out = w.astype(e.dtype) + e
     return out.astype(w.dtype) if keep_dtype else out
 
