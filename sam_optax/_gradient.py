@@ -150,8 +150,17 @@ def sam_gradient(
   """
   if axis_name is not None:
     _sharding.check_axis_bound(axis_name)
+    if ascent_groups is not None and _sharding.tracks_varying(axis_name):
+      raise ValueError(
+          "ascent_groups (axis_index_groups) is not supported under "
+          "jax.shard_map; use jax.pmap for grouped ascent.")
     if sync_ascent or ascent_groups is not None:
-      grads = lax.pmean(grads, axis_name, axis_index_groups=ascent_groups)
+      try:
+        grads = lax.pmean(grads, axis_name, axis_index_groups=ascent_groups)
+      except NotImplementedError as e:
+        raise ValueError(
+            "ascent_groups (axis_index_groups) is not supported here (it "
+            "works under jax.pmap, not jax.shard_map).") from e
     else:
       _sharding.check_local(grads, axis_name, "The gradient passed to SAM")
 

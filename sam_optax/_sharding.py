@@ -40,7 +40,10 @@ def check_axis_bound(axis_name: Any) -> None:
 
 def tracks_varying(axis_name: Any) -> bool:
   """Whether we are inside a shard_map that tracks variance over the axis."""
-  return axis_name in varying_axes(lax.axis_index(axis_name))
+  try:
+    return axis_name in varying_axes(lax.axis_index(axis_name))
+  except NameError:  # Unbound axis: not inside any map.
+    return False
 
 
 def mark_varying(tree: Any, axis_name: Any) -> Any:
@@ -49,7 +52,8 @@ def mark_varying(tree: Any, axis_name: Any) -> Any:
   Inside ``jax.shard_map(..., check_vma=True)``, call this on replicated params
   before taking the *local* gradient, so that ``jax.grad`` returns this
   shard's gradient instead of the sum over shards. Outside vma tracking
-  (``jax.pmap``, ``check_vma=False``) it returns ``tree`` unchanged.
+  (``jax.pmap``, ``check_vma=False``, or outside any map) it returns ``tree``
+  unchanged, so the same loss code also runs on a single device.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -85,6 +89,8 @@ def check_local(tree: Any, axis_name: Any, what: str) -> None:
           "the global gradient instead of its own. Inside jax.shard_map with "
           "check_vma=True, jax.grad with respect to replicated params returns "
           "the psum over shards: take the gradient with respect to "
-          f"sam_optax.mark_varying(params, {axis_name!r}) instead, or pass "
-          "sync_ascent=True if a global ascent is what you want."
+          f"sam_optax.mark_varying(params, {axis_name!r}) instead. (With "
+          "sync_ascent=True a reduced gradient is accepted: only its "
+          "direction is used, but the logged grad_norm is then that of the "
+          "sum.)"
       )

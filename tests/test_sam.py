@@ -486,3 +486,17 @@ def test_value_and_grad_records_perturbed_loss_and_sharpness(has_aux):
   assert float(state.sharpness) > 0
   _, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
   assert np.isnan(state.sharpness)  # No value= given: unknown, not 0.
+
+
+def test_mark_varying_outside_any_map_is_a_no_op():
+  params = helpers.quadratic_params()
+  assert sam_optax.mark_varying(params, "batch") is not None
+  chex.assert_trees_all_equal(sam_optax.mark_varying(params, "batch"), params)
+
+
+def test_axis_name_outside_a_map_is_a_clear_error():
+  tx = sam_optax.sam(optax.sgd(LR), axis_name="batch")
+  params = helpers.quadratic_params()
+  with pytest.raises(ValueError, match="outside a jax.pmap"):
+    tx.update(helpers.quadratic_grad(params), tx.init(params), params,
+              grad_fn=helpers.quadratic_grad)
