@@ -12,7 +12,7 @@ python -m ruff check .
 
 echo "== unit tests and doctests"
 python -m pytest -q --doctest-modules sam_optax tests \
-  --ignore=tests/test_multidevice.py
+  --ignore=tests/multidevice
 
 echo "== multi-device tests (8 fake CPU devices, own process)"
-python -m pytest -q tests/test_multidevice.py
+python -m pytest -q tests/multidevice

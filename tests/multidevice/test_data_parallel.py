@@ -1,7 +1,7 @@
 """Data-parallel SAM on 8 fake CPU devices: pmap and shard_map.
 
-Run this file in its own process, ``pytest tests/test_multidevice.py``: the
-number of CPU devices can only be set before JAX initialises its backends.
+Runs in its own process with the other tests of ``tests/multidevice`` (see
+its ``conftest.py``, which sets up the 8 devices).
 
 Every test compares against a hand-written reference computed on one device
 (numpy for the ascent arithmetic, ``jax.grad`` of a tiny two-layer tanh model
@@ -10,31 +10,17 @@ for the per-shard gradients): for each shard ``i``, ``g_i = ∇L_i(w)``,
 ``gs_i = ∇L_i(w + ε_i)``, ``g_sam = mean_i gs_i``, then the base optimizer.
 """
 
+import functools
+
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-_DEVICE_ERROR = None
-try:
-  jax.config.update("jax_num_cpu_devices", 8)
-except RuntimeError as e:  # Backends already initialised by another module.
-  _DEVICE_ERROR = e
-if jax.device_count() != 8:
-  raise RuntimeError(
-      f"tests/test_multidevice.py needs 8 CPU devices, got "
-      f"{jax.device_count()} ({_DEVICE_ERROR or 'jax_num_cpu_devices ignored'})"
-      ". JAX was initialised before this module could set "
-      "jax_num_cpu_devices=8: run this file in its own process, "
-      "`python -m pytest tests/test_multidevice.py`.")
-
-import functools  # noqa: E402
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import sam_optax  # noqa: E402
+import sam_optax
 
 N_DEV = 8
 PER_DEV = 4
