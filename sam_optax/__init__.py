@@ -4,6 +4,7 @@
 >>> tx = sam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
 """
 
+from sam_optax import diagnostics
 from sam_optax._gradient import SAMInfo, sam_gradient, split_microbatches
 from sam_optax._masks import (
     PathMask,
@@ -14,16 +15,31 @@ from sam_optax._masks import (
 from sam_optax._perturbation import Perturbation, ascent_direction
 from sam_optax._sam import SAMState, sam
 from sam_optax._sharding import mark_varying
+from sam_optax._variants import (
+    FriendlySAMState,
+    LookSAMState,
+    friendly_sam,
+    gsam,
+    gsam_rho_schedule,
+    looksam,
+)
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "FriendlySAMState",
+    "LookSAMState",
     "PathMask",
     "Perturbation",
     "SAMInfo",
     "SAMState",
     "ascent_direction",
+    "diagnostics",
     "exclude_biases",
+    "friendly_sam",
+    "gsam",
+    "gsam_rho_schedule",
+    "looksam",
     "mark_varying",
     "ndim_mask",
     "path_mask",
