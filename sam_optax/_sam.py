@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from sam_optax import _gradient
+from sam_optax import _gradient, _validation
 
 
 class SAMState(NamedTuple):
@@ -38,22 +36,6 @@ class SAMState(NamedTuple):
   perturbation_norm: jax.Array  # shape=(), dtype=jnp.float32
   perturbed_loss: jax.Array | None  # shape=(), dtype=jnp.float32
   sharpness: jax.Array | None  # shape=(), dtype=jnp.float32
-
-
-def _check_non_negative(name: str, value: Any) -> None:
-  """Validates a hyperparameter if it is concrete (never a tracer)."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return
-  if isinstance(value, (numbers.Number, np.ndarray, np.generic, jax.Array)):
-    arr = np.asarray(value)
-    if not np.issubdtype(arr.dtype, np.number) or arr.shape != ():
-      raise ValueError(f"`{name}` must be a scalar, got {value!r}.")
-    if not arr >= 0:  # Also rejects NaN.
-      raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
-    return
-  raise TypeError(
-      f"`{name}` must be a number, a scalar array or (for rho) a schedule; "
-      f"got {type(value).__name__}.")
 
 
 def sam(
@@ -197,23 +179,15 @@ def sam(
     Scale-Invariant Learning of Deep Neural Networks
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
-  if isinstance(base_tx, optax.MultiSteps):
-    base_tx = base_tx.gradient_transformation()
-  if not (hasattr(base_tx, "init") and hasattr(base_tx, "update")):
-    raise TypeError(
-        "base_tx must be an Optax GradientTransformation (or "
-        f"optax.MultiSteps), got {type(base_tx).__name__}.")
+  base_tx = _validation.check_base(base_tx)
   for name, value in (("rho", rho), ("eta", eta), ("eps", eps)):
-    _check_non_negative(name, value)
-  for name, value in (("adaptive", adaptive), ("sync_ascent", sync_ascent),
-                      ("has_aux", has_aux), ("value_and_grad", value_and_grad),
-                      ("microbatched", microbatched),
-                      ("perturb_in_float32", perturb_in_float32)):
-    if not isinstance(value, (bool, np.bool_)):
-      raise TypeError(f"`{name}` must be a Python bool, got {value!r}.")
+    _validation.check_non_negative(name, value)
+  _validation.check_bools(
+      adaptive=adaptive, sync_ascent=sync_ascent, has_aux=has_aux,
+      value_and_grad=value_and_grad, microbatched=microbatched,
+      perturb_in_float32=perturb_in_float32)
   if axis_name is None and (sync_ascent or ascent_groups is not None):
     raise ValueError("sync_ascent and ascent_groups need an axis_name.")
-  base_tx = optax.with_extra_args_support(base_tx)
 
   def init_fn(params):
     scalar = jnp.zeros([], jnp.float32)
@@ -246,20 +220,9 @@ def sam(
     return out, (None, None)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    if grad_fn is None:
-      raise ValueError(
-          "sam needs the gradient function: call "
-          "tx.update(grads, state, params, grad_fn=lambda p: "
-          "jax.grad(loss_fn)(p, batch)).")
-    if params is None:
-      raise ValueError("sam needs the params: tx.update(grads, state, params, "
-                       "grad_fn=...).")
+    _validation.check_call("sam", grad_fn, params)
     base_state = state.base_state
-    if isinstance(base_state, optax.MultiStepsState):
-      step = base_state.gradient_step  # Outer steps, not micro-steps.
-    else:
-      step = state.sam_count
-    rho_t = rho(step) if callable(rho) else rho
+    rho_t = _validation.rho_at(rho, state.sam_count, base_state)
 
     sam_grads, info = _gradient.sam_gradient(
         lambda p: split_output(grad_fn(p)), params, updates, rho_t, adaptive,

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from sam_optax import _gradient, _perturbation, _sam, _sharding
+from sam_optax import _gradient, _perturbation, _sam, _sharding, _validation
 
 # --------------------------------------------------------------------------
 # Vector arithmetic on pytrees, in the compute dtype, with guarded divisions.
@@ -88,52 +88,15 @@ def _reject(tree: Any, direction: Any) -> Any:
 # Shared plumbing.
 
 
-def _check_base(base_tx: Any) -> optax.GradientTransformationExtraArgs:
-  if isinstance(base_tx, optax.MultiSteps):
-    base_tx = base_tx.gradient_transformation()
-  if not (hasattr(base_tx, "init") and hasattr(base_tx, "update")):
-    raise TypeError(
-        "base_tx must be an Optax GradientTransformation (or "
-        f"optax.MultiSteps), got {type(base_tx).__name__}.")
-  return optax.with_extra_args_support(base_tx)
-
-
-def _check_bools(**flags: Any) -> None:
-  for name, value in flags.items():
-    if not isinstance(value, (bool, np.bool_)):
-      raise TypeError(f"`{name}` must be a Python bool, got {value!r}.")
-
-
 def _check_fraction(name: str, value: Any) -> None:
   """Validates a concrete value in [0, 1] (tracers pass)."""
   if callable(value):
     raise TypeError(f"`{name}` must be a number, not a schedule.")
-  _sam._check_non_negative(name, value)  # pylint: disable=protected-access
+  _validation.check_non_negative(name, value)
   if isinstance(value, jax.core.Tracer):
     return
   if not np.asarray(value) <= 1:
     raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
-
-
-def _check_call(name: str, grad_fn: Any, params: Any) -> None:
-  if grad_fn is None:
-    raise ValueError(
-        f"{name} needs the gradient function: call "
-        "tx.update(grads, state, params, grad_fn=lambda p: "
-        "jax.grad(loss_fn)(p, batch)).")
-  if params is None:
-    raise ValueError(f"{name} needs the params: tx.update(grads, state, "
-                     "params, grad_fn=...).")
-
-
-def _rho_at(rho: optax.ScalarOrSchedule, state_count: jax.Array,
-            base_state: Any) -> Any:
-  """ρ at the number of base-optimizer steps (outer steps of MultiSteps)."""
-  if not callable(rho):
-    return rho
-  if isinstance(base_state, optax.MultiStepsState):
-    return rho(base_state.gradient_step)
-  return rho(state_count)
 
 
 def _drop_aux(grad_fn: Callable[[Any], Any], has_aux: bool
@@ -233,7 +196,7 @@ def gsam_rho_schedule(
   """
   for name, value in (("lr_max", lr_max), ("lr_min", lr_min),
                       ("rho_max", rho_max), ("rho_min", rho_min)):
-    _sam._check_non_negative(name, value)  # pylint: disable=protected-access
+    _validation.check_non_negative(name, value)
   if lr_max < lr_min:
     raise ValueError(f"lr_max ({lr_max}) must be >= lr_min ({lr_min}).")
   low, high = min(rho_min, rho_max), max(rho_min, rho_max)
@@ -344,11 +307,11 @@ def gsam(
     code google-research/big_vision, ``big_vision/trainers/proj/gsam/
     gsam.py`` (``g_gsam = g_robust - alpha * (g_clean - proj)``).
   """
-  base_tx = _check_base(base_tx)
+  base_tx = _validation.check_base(base_tx)
   for name, value in (("rho", rho), ("alpha", alpha), ("eta", eta),
                       ("eps", eps)):
-    _sam._check_non_negative(name, value)  # pylint: disable=protected-access
-  _check_bools(adaptive=adaptive, has_aux=has_aux)
+    _validation.check_non_negative(name, value)
+  _validation.check_bools(adaptive=adaptive, has_aux=has_aux)
 
   def init_fn(params):
     scalar = jnp.zeros([], jnp.float32)
@@ -358,10 +321,10 @@ def gsam(
         sharpness=None)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    _check_call("gsam", grad_fn, params)
+    _validation.check_call("gsam", grad_fn, params)
     grads = _gradient.conform_to_params(updates, params,
                                         "The gradient passed to gsam")
-    rho_t = _rho_at(rho, state.sam_count, state.base_state)
+    rho_t = _validation.rho_at(rho, state.sam_count, state.base_state)
     g_sam, (grad_norm, perturbation_norm) = _local_sam_gradient(
         _drop_aux(grad_fn, has_aux), params, grads, rho_t, adaptive=adaptive,
         eta=eta, eps=eps, mask=mask, adaptive_mask=adaptive_mask,
@@ -509,12 +472,12 @@ def looksam(
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
     <https://arxiv.org/abs/2203.02714>`_, CVPR 2022 (Algorithm 1).
   """
-  base_tx = _check_base(base_tx)
+  base_tx = _validation.check_base(base_tx)
   for name, value in (("rho", rho), ("alpha", alpha), ("eta", eta),
                       ("eps", eps)):
-    _sam._check_non_negative(name, value)  # pylint: disable=protected-access
+    _validation.check_non_negative(name, value)
   _check_period(k)
-  _check_bools(adaptive=adaptive, has_aux=has_aux)
+  _validation.check_bools(adaptive=adaptive, has_aux=has_aux)
 
   def init_fn(params):
     scalar = jnp.zeros([], jnp.float32)
@@ -524,14 +487,14 @@ def looksam(
         grad_norm=scalar, perturbation_norm=scalar)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    _check_call("looksam", grad_fn, params)
+    _validation.check_call("looksam", grad_fn, params)
     grads = _gradient.conform_to_params(updates, params,
                                         "The gradient passed to looksam")
     if axis_name is not None:
       _sharding.check_axis_bound(axis_name)
       _sharding.check_local(grads, axis_name,
                             "The gradient passed to looksam")
-    rho_t = _rho_at(rho, state.sam_count, state.base_state)
+    rho_t = _validation.rho_at(rho, state.sam_count, state.base_state)
     g32 = _to_compute(grads)
 
     def sam_step():
@@ -674,12 +637,12 @@ def friendly_sam(
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024 (official code:
     nblt/F-SAM, ``FriendlySAM`` in ``utils.py``).
   """
-  base_tx = _check_base(base_tx)
+  base_tx = _validation.check_base(base_tx)
   for name, value in (("rho", rho), ("sigma", sigma), ("eta", eta),
                       ("eps", eps)):
-    _sam._check_non_negative(name, value)  # pylint: disable=protected-access
+    _validation.check_non_negative(name, value)
   _check_fraction("lmbda", lmbda)
-  _check_bools(adaptive=adaptive, has_aux=has_aux)
+  _validation.check_bools(adaptive=adaptive, has_aux=has_aux)
 
   def init_fn(params):
     scalar = jnp.zeros([], jnp.float32)
@@ -689,14 +652,14 @@ def friendly_sam(
         grad_norm=scalar, perturbation_norm=scalar)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    _check_call("friendly_sam", grad_fn, params)
+    _validation.check_call("friendly_sam", grad_fn, params)
     grads = _gradient.conform_to_params(updates, params,
                                         "The gradient passed to friendly_sam")
     if axis_name is not None:
       _sharding.check_axis_bound(axis_name)
       _sharding.check_local(grads, axis_name,
                             "The gradient passed to friendly_sam")
-    rho_t = _rho_at(rho, state.sam_count, state.base_state)
+    rho_t = _validation.rho_at(rho, state.sam_count, state.base_state)
     g32 = _to_compute(grads)
     m = state.grad_ema
     sigma32 = jnp.asarray(sigma).astype(jnp.float32)

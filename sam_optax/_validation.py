@@ -1,0 +1,66 @@
+"""Argument checks and small plumbing shared by ``sam`` and its variants."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+
+def check_non_negative(name: str, value: Any) -> None:
+  """Validates a hyperparameter if it is concrete (never a tracer)."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, (numbers.Number, np.ndarray, np.generic, jax.Array)):
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.number) or arr.shape != ():
+      raise ValueError(f"`{name}` must be a scalar, got {value!r}.")
+    if not arr >= 0:  # Also rejects NaN.
+      raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+    return
+  raise TypeError(
+      f"`{name}` must be a number, a scalar array or (for rho) a schedule; "
+      f"got {type(value).__name__}.")
+
+
+def check_bools(**flags: Any) -> None:
+  """Static flags must be Python bools (never injected hyperparameters)."""
+  for name, value in flags.items():
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"`{name}` must be a Python bool, got {value!r}.")
+
+
+def check_base(base_tx: Any) -> optax.GradientTransformationExtraArgs:
+  """Returns ``base_tx`` (or a MultiSteps' transformation) with extra args."""
+  if isinstance(base_tx, optax.MultiSteps):
+    base_tx = base_tx.gradient_transformation()
+  if not (hasattr(base_tx, "init") and hasattr(base_tx, "update")):
+    raise TypeError(
+        "base_tx must be an Optax GradientTransformation (or "
+        f"optax.MultiSteps), got {type(base_tx).__name__}.")
+  return optax.with_extra_args_support(base_tx)
+
+
+def check_call(name: str, grad_fn: Any, params: Any) -> None:
+  """A clear error for a missing ``grad_fn`` or ``params`` in ``update``."""
+  if grad_fn is None:
+    raise ValueError(
+        f"{name} needs the gradient function: call "
+        "tx.update(grads, state, params, grad_fn=lambda p: "
+        "jax.grad(loss_fn)(p, batch)).")
+  if params is None:
+    raise ValueError(f"{name} needs the params: tx.update(grads, state, "
+                     "params, grad_fn=...).")
+
+
+def rho_at(rho: optax.ScalarOrSchedule, count: jax.Array,
+           base_state: Any) -> Any:
+  """ρ at the number of base-optimizer steps (outer steps of MultiSteps)."""
+  if not callable(rho):
+    return rho
+  if isinstance(base_state, optax.MultiStepsState):
+    return rho(base_state.gradient_step)
+  return rho(count)
