@@ -70,13 +70,22 @@ def conform_to_params(tree: Any, params: Any, what: str,
   return jax.tree.unflatten(param_def, leaves)
 
 
-def _achieved_norm(perturbed: Any, params: Any) -> jax.Array:
-  """‖perturbed − params‖₂ in float32 (float leaves only)."""
-  diffs = [
-      (p.astype(jnp.float32) - w.astype(jnp.float32))
-      for p, w in zip(jax.tree.leaves(perturbed), jax.tree.leaves(params))
-      if jnp.issubdtype(jnp.result_type(w), jnp.inexact)
-  ]
+def _achieved_norm(perturbed: Any, params: Any,
+                   intended: jax.Array) -> jax.Array:
+  """The norm of the perturbation actually applied, in float32.
+
+  When every perturbed leaf keeps at least float32 precision this is the
+  intended ‖ε‖ (no extra pass over the params); with bf16/fp16 leaves it is
+  measured after rounding, ‖round(w + ε) − w‖, which shows how much of ε
+  survived.
+  """
+  pairs = [(p, w) for p, w in zip(jax.tree.leaves(perturbed),
+                                  jax.tree.leaves(params))
+           if jnp.issubdtype(jnp.result_type(w), jnp.inexact)]
+  if all(jnp.finfo(jnp.result_type(p)).bits >= 32 for p, _ in pairs):
+    return intended
+  diffs = [p.astype(jnp.float32) - jnp.asarray(w).astype(jnp.float32)
+           for p, w in pairs]
   return optax.tree.norm(diffs).astype(jnp.float32)
 
 
@@ -174,16 +183,18 @@ def sam_gradient(
         grads) else ()
     grads = conform_to_params(grads, params, "The micro-batched gradient",
                               leading)
-    epsilon, grad_norm = jax.vmap(ascent, in_axes=(0, None))(grads, params)
+    epsilon, grad_norm, norm = jax.vmap(ascent, in_axes=(0, None))(
+        grads, params)
     perturbed = jax.vmap(add, in_axes=(None, 0))(params, epsilon)
-    achieved = jax.vmap(_achieved_norm, in_axes=(0, None))(perturbed, params)
+    achieved = jax.vmap(_achieved_norm, in_axes=(0, None, 0))(
+        perturbed, params, norm)
     grad_norm, achieved = jnp.mean(grad_norm), jnp.mean(achieved)
   else:
     leading = ()
     grads = conform_to_params(grads, params, "The gradient passed to SAM")
-    epsilon, grad_norm = ascent(grads, params)
+    epsilon, grad_norm, norm = ascent(grads, params)
     perturbed = add(params, epsilon)
-    achieved = _achieved_norm(perturbed, params)
+    achieved = _achieved_norm(perturbed, params, norm)
 
   if axis_name is not None:
     # Under shard_map, a gradient w.r.t. invariant params comes back summed

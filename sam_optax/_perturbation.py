@@ -23,10 +23,12 @@ class Perturbation(NamedTuple):
       dtype (float32, or float64 for float64 leaves); zero on masked-out
       leaves.
     grad_norm: ‖g‖₂ over the perturbed leaves, a float32 scalar.
+    norm: ‖ε‖₂, a float32 scalar (ρ for SAM unless g = 0).
   """
 
   epsilon: Any
   grad_norm: jax.Array  # shape=(), dtype=jnp.float32
+  norm: jax.Array  # shape=(), dtype=jnp.float32
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -75,7 +77,8 @@ def ascent_direction(
     adaptive_mask: with ``adaptive=True``, which leaves use ``T = |w| + η``.
 
   Returns:
-    A :class:`Perturbation` with ε in float32 and ‖g‖ over the masked leaves.
+    A :class:`Perturbation` with ε in float32, ‖g‖ over the masked leaves
+    and ‖ε‖.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -130,14 +133,20 @@ def ascent_direction(
   factor = jnp.where(
       positive, rho32 / jnp.where(positive, ascent_norm + eps32, 1.0), 0.0)
 
-  epsilon = []
+  epsilon, directions = [], []
   for g, w, tg, t in zip(grad_leaves, param_leaves, scaled, scales):
     if tg is None:
       epsilon.append(jnp.zeros(jnp.shape(w), compute_dtype(jnp.result_type(w))))
+      directions.append(None)
     else:
       direction = tg if t is None else t * tg
       epsilon.append(factor.astype(direction.dtype) * direction)
-  return Perturbation(jax.tree.unflatten(treedef, epsilon), grad_norm)
+      directions.append(direction)
+  # ‖ε‖ = factor·‖direction‖; for SAM the direction is g, whose norm we have
+  # (no second pass over the gradient).
+  direction_norm = jnp.sqrt(sq_norm(directions)) if adaptive else grad_norm
+  return Perturbation(jax.tree.unflatten(treedef, epsilon), grad_norm,
+                      factor * direction_norm)
 
 
 def perturb(params: Any, epsilon: Any, *, keep_dtype: bool = True) -> Any:
