@@ -99,6 +99,18 @@ def _check_fraction(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
 
 
+def _checked_grads(name: str, updates: Any, params: Any, grad_fn: Any,
+                   axis_name: Any) -> Any:
+  """Validates an ``update`` call and returns the local gradient."""
+  _validation.check_call(name, grad_fn, params)
+  grads = _gradient.conform_to_params(updates, params,
+                                      f"The gradient passed to {name}")
+  if axis_name is not None:
+    _sharding.check_axis_bound(axis_name)
+    _sharding.check_local(grads, axis_name, f"The gradient passed to {name}")
+  return grads
+
+
 def _drop_aux(grad_fn: Callable[[Any], Any], has_aux: bool
               ) -> Callable[[Any], Any]:
   if not has_aux:
@@ -487,13 +499,7 @@ def looksam(
         grad_norm=scalar, perturbation_norm=scalar)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    _validation.check_call("looksam", grad_fn, params)
-    grads = _gradient.conform_to_params(updates, params,
-                                        "The gradient passed to looksam")
-    if axis_name is not None:
-      _sharding.check_axis_bound(axis_name)
-      _sharding.check_local(grads, axis_name,
-                            "The gradient passed to looksam")
+    grads = _checked_grads("looksam", updates, params, grad_fn, axis_name)
     rho_t = _validation.rho_at(rho, state.sam_count, state.base_state)
     g32 = _to_compute(grads)
 
@@ -652,13 +658,7 @@ def friendly_sam(
         grad_norm=scalar, perturbation_norm=scalar)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    _validation.check_call("friendly_sam", grad_fn, params)
-    grads = _gradient.conform_to_params(updates, params,
-                                        "The gradient passed to friendly_sam")
-    if axis_name is not None:
-      _sharding.check_axis_bound(axis_name)
-      _sharding.check_local(grads, axis_name,
-                            "The gradient passed to friendly_sam")
+    grads = _checked_grads("friendly_sam", updates, params, grad_fn, axis_name)
     rho_t = _validation.rho_at(rho, state.sam_count, state.base_state)
     g32 = _to_compute(grads)
     m = state.grad_ema
