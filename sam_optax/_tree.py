@@ -1,0 +1,83 @@
+"""Tree maths shared by every method: compute dtypes, norms, projections.
+
+One contract for the whole package: float leaves are computed in at least
+float32 (float64 stays float64), non-float leaves are left alone, sums over
+a tree accumulate in float64 when any float leaf is float64 and in float32
+otherwise, and every division is guarded (a zero denominator gives exactly
+0, never NaN or inf).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def is_float(leaf: Any) -> bool:
+  """Whether ``leaf`` is a floating-point (or complex) array or scalar."""
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+  """float32 for low-precision floats, the dtype itself for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def to_compute(tree: Any) -> Any:
+  """Float leaves cast to their compute dtype; other leaves unchanged."""
+  return jax.tree.map(
+      lambda x: jnp.asarray(x).astype(compute_dtype(jnp.result_type(x)))
+      if is_float(x) else x, tree)
+
+
+def accumulation_dtype(tree: Any) -> jnp.dtype:
+  """float64 if any float leaf of ``tree`` is float64, else float32."""
+  dtypes = [compute_dtype(jnp.result_type(x)) for x in jax.tree.leaves(tree)
+            if is_float(x)]
+  return jnp.result_type(jnp.float32, *dtypes)
+
+
+def float_leaves(tree: Any) -> Any:
+  """``tree`` with non-float leaves replaced by ``None`` (skipped by sums)."""
+  return jax.tree.map(lambda x: x if is_float(x) else None, tree)
+
+
+def vdot(a: Any, b: Any) -> jax.Array:
+  """⟨a, b⟩ over the float leaves, in :func:`accumulation_dtype`."""
+  dtype = accumulation_dtype(a)
+  a, b = to_compute(float_leaves(a)), to_compute(float_leaves(b))
+  return jnp.asarray(optax.tree.vdot(a, b), dtype)
+
+
+def norm(tree: Any) -> jax.Array:
+  """‖tree‖₂ over the float leaves, in :func:`accumulation_dtype`."""
+  dtype = accumulation_dtype(tree)
+  return jnp.asarray(optax.tree.norm(to_compute(float_leaves(tree))), dtype)
+
+
+def safe_div(num: Any, den: Any) -> jax.Array:
+  """``num / den``, and exactly 0 where ``den`` is 0 (no NaN, no inf)."""
+  positive = den > 0
+  return jnp.where(positive, num / jnp.where(positive, den, 1), 0)
+
+
+def add_scale(tree: Any, scalar: Any, other: Any) -> Any:
+  """``tree + scalar · other`` on the float leaves, in each leaf's dtype."""
+  return jax.tree.map(
+      lambda x, y: x + jnp.asarray(scalar).astype(x.dtype) * y.astype(x.dtype)
+      if is_float(x) else x, tree, other)
+
+
+def orthogonal_part(tree: Any, direction: Any) -> Any:
+  r"""The part of ``tree`` orthogonal to ``direction``.
+
+  :math:`t - \frac{\langle t, d\rangle}{\|d\|^2}\, d`, computed as
+  :math:`t - \langle t, \hat d\rangle \hat d` with :math:`\hat d = d/\|d\|`
+  (no overflow of :math:`\|d\|^2`); ``tree`` itself when ``direction`` is 0.
+  """
+  d_norm = norm(direction)
+  coefficient = safe_div(vdot(tree, direction), d_norm)  # ⟨t, d̂⟩
+  return add_scale(tree, -safe_div(coefficient, d_norm), direction)
