@@ -12,6 +12,7 @@ from sam_optax._masks import (
     ndim_mask,
     path_mask,
 )
+from sam_optax._memory import CompileReport, compile_low_memory
 from sam_optax._perturbation import Perturbation, ascent_direction
 from sam_optax._sam import SAMState, sam
 from sam_optax._sharding import mark_varying
@@ -27,6 +28,7 @@ from sam_optax._variants import (
 __version__ = "0.1.0"
 
 __all__ = (
+    "CompileReport",
     "FriendlySAMState",
     "LookSAMState",
     "PathMask",
@@ -34,6 +36,7 @@ __all__ = (
     "SAMInfo",
     "SAMState",
     "ascent_direction",
+    "compile_low_memory",
     "diagnostics",
     "exclude_biases",
     "friendly_sam",
