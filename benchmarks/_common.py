@@ -241,7 +241,7 @@ def add_output_args(parser, name: str) -> None:
       help=f"write the tracked benchmarks/results/{name}.* (default: the "
       f"git-ignored benchmarks/results/local/{name}.*)")
   parser.add_argument("--out", metavar="STEM",
-                      help="write STEM.json and STEM.md instead")
+                      help="write STEM.* instead")
 
 
 def output_stem(args, name: str) -> str:

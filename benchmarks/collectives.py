@@ -11,7 +11,9 @@ reduced operands, split into tensors (gradient leaves; activations on the
 model axis) and scalars (SAM's logged norms).
 
 Run: ``python benchmarks/collectives.py``; it prints the table and writes it
-to ``benchmarks/results/collectives.md``.
+to the git-ignored ``benchmarks/results/local/collectives.{md,json}``
+(``--write``: the tracked ``benchmarks/results/collectives.*``; ``--out
+STEM``: any path).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # Before any backend starts.
 
 # pylint: disable=wrong-import-position
+import argparse  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,12 +36,15 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
 import sam_optax  # noqa: E402
 
 N_DEV = 8
 PER_DEV = 4
 D_IN, HIDDEN, D_OUT = 16, 32, 2  # No 1-element leaf: scalars = logging.
-RESULTS = Path(__file__).parent / "results" / "collectives.md"
 
 # ------------------------------------------------------------ HLO parsing
 
@@ -221,28 +228,37 @@ def hlo_data_model(body, tx):
   return step.lower(params, state, x, y).compile().as_text()
 
 
-def rows():
+def rows(log=_common.log):
   """``(label, per-device params, collectives)`` for every step compiled."""
   n = sum(a.size for a in jax.tree.leaves(init_params()))
   # On the 2-D mesh each device holds 1/MODEL of the model-sharded leaves.
   n_local = sum(a.size // (MODEL if "model" in MODEL_SPECS[k] else 1)
                 for k, a in init_params().items())
-  out = []
+  plan = []  # (label, params per device, () -> optimised HLO text)
   for name, hlo in (("pmap", hlo_pmap), ("shard_map", hlo_shard_map)):
-    out += [
-        (f"{name}: base (pmean of grads)", n, hlo(base_body, base_tx())),
-        (f"{name}: SAM", n, hlo(sam_body, sam_tx())),
-        (f"{name}: ASAM", n, hlo(sam_body, sam_tx(adaptive=True))),
+    plan += [
+        (f"{name}: base (pmean of grads)", n,
+         functools.partial(hlo, base_body, base_tx())),
+        (f"{name}: SAM", n, functools.partial(hlo, sam_body, sam_tx())),
+        (f"{name}: ASAM", n,
+         functools.partial(hlo, sam_body, sam_tx(adaptive=True))),
         (f"{name}: SAM, sync_ascent", n,
-         hlo(sam_body, sam_tx(sync_ascent=True))),
+         functools.partial(hlo, sam_body, sam_tx(sync_ascent=True))),
     ]
-  out += [
-      ("jit, no shard_map: base", n, hlo_plain_jit(False)),
-      ("jit, no shard_map: SAM (m = global batch)", n, hlo_plain_jit(True)),
-      ("2-D mesh: base", n_local, hlo_data_model(base_body, base_tx())),
-      ("2-D mesh: SAM", n_local, hlo_data_model(sam_body, sam_tx())),
+  plan += [
+      ("jit, no shard_map: base", n, functools.partial(hlo_plain_jit, False)),
+      ("jit, no shard_map: SAM (m = global batch)", n,
+       functools.partial(hlo_plain_jit, True)),
+      ("2-D mesh: base", n_local,
+       functools.partial(hlo_data_model, base_body, base_tx())),
+      ("2-D mesh: SAM", n_local,
+       functools.partial(hlo_data_model, sam_body, sam_tx())),
   ]
-  return [(label, n, collectives(text)) for label, n, text in out]
+  out = []
+  for i, (label, n_dev, compile_hlo) in enumerate(plan):
+    log(f"compiling {i + 1}/{len(plan)}: {label}")
+    out.append((label, n_dev, collectives(compile_hlo())))
+  return out
 
 
 COLUMNS = ["all-reduce ops", "tensor operands", "tensor elements",
@@ -276,14 +292,22 @@ def render(table):
   return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  _common.add_output_args(parser, "collectives")
+  args = parser.parse_args(argv)
   assert jax.device_count() == N_DEV, jax.devices()
-  text = render(rows())
+  table = rows()
+  text = render(table)
   print(text)
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  RESULTS.write_text(
+  data = {"machine": _common.machine(),
+          "rows": [{"step": label, "params_per_device": n,
+                    "collectives": found} for label, n, found in table]}
+  written = _common.write_report(
+      _common.output_stem(args, "collectives"), data,
       "# Collectives per SAM step\n\n"
       "Written by `python benchmarks/collectives.py`.\n\n" + text)
+  _common.log(f"wrote {' and '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,15 @@ Run (from the repository root; needs scikit-learn and matplotlib)::
   python benchmarks/label_noise.py            # ~3-5 min on 2 CPU cores
   python benchmarks/label_noise.py --quick    # < 1 min: 20 epochs, 1 seed
   python benchmarks/label_noise.py --sweep    # + the radius sweep at 40%
+
+Reports go to the git-ignored ``benchmarks/results/local/label_noise
+[_quick].{md,json,png}``; ``--write`` writes the tracked
+``benchmarks/results/`` instead, ``--out STEM`` any path.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -45,13 +48,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 
-import sam_optax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+import _common  # noqa: E402
+
+import sam_optax  # noqa: E402
+
 SIZES = (64, 128, 128, 10)
 BATCH_SIZE = 32
 LR, MOMENTUM = 0.05, 0.9
@@ -69,17 +72,6 @@ NUM_CLASSES = 10
 # ----------------------------------------------------------------------------
 # Data, noise and model.
 # ----------------------------------------------------------------------------
-
-
-def load_data():
-  """Digits split 70/30 (fixed, stratified), standardised on train stats."""
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(
-      x, y, test_size=0.3, random_state=0, stratify=y)
-  scaler = StandardScaler().fit(x_train)
-  return (scaler.transform(x_train).astype(np.float32), y_train.astype(
-      np.int32), scaler.transform(x_test).astype(np.float32),
-          y_test.astype(np.int32))
 
 
 def noisy_labels(y, noise, seed):
@@ -175,12 +167,18 @@ def run_method(method, rho, epochs, data, noise_levels, seeds, log):
   runs = [(p, s) for p in noise_levels for s in seeds]
   train = make_train(method, rho, epochs, jnp.asarray(x_train),
                      jnp.asarray(x_test), jnp.asarray(y_test))
+  label = f"{method} rho {rho if rho is not None else '-'}"
+  log(f"  {label}: compiling and training {len(runs)} runs of {epochs} "
+      "epochs")
   start = time.perf_counter()
   outs = []
-  for p, s in runs:  # One compiled program, called once per run.
+  for i, (p, s) in enumerate(runs):  # One compiled program, once per run.
     y_noisy = jnp.asarray(noisy_labels(y_train, p, s))
     outs.append(jax.tree.map(np.asarray, train(
         jax.random.key(s), y_noisy, jnp.asarray(y_train))))
+    log(f"    run {i + 1}/{len(runs)} (noise {p}, seed {s}): test acc "
+        f"{float(outs[-1]['test_acc']):.3f}, "
+        f"{time.perf_counter() - start:5.1f} s")
   out = jax.tree.map(lambda *xs: np.stack(xs), *outs)
   seconds = time.perf_counter() - start
   log(f"  {method:6s} rho {rho if rho is not None else '-':>5} "
@@ -280,17 +278,6 @@ def plot(main, noise, path):
   plt.close(fig)
 
 
-def cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return jax.devices()[0].device_kind
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
@@ -300,23 +287,20 @@ def main(argv=None):
   parser.add_argument("--epochs", type=int,
                       help="epochs for sgd, sam, asam (default 60; quick 20)")
   parser.add_argument("--seeds", type=int,
-                      help="seeds per noise level (default 3; quick 2)")
+                      help="seeds per noise level (default 3; quick 1)")
   parser.add_argument("--sweep", action="store_true",
                       help="also SAM/ASAM at several radii, 40%% noise")
-  parser.add_argument("--out", help="output stem (default: "
-                      "benchmarks/results/label_noise[_quick])")
+  _common.add_output_args(parser, "label_noise[_quick]")
   args = parser.parse_args(argv)
   argv_used = list(sys.argv[1:] if argv is None else argv)
   epochs = args.epochs or (20 if args.quick else 60)
   seeds = list(range(args.seeds or (1 if args.quick else 3)))
-  stem = args.out or os.path.join(
-      RESULTS, "label_noise" + ("_quick" if args.quick else ""))
+  stem = _common.output_stem(
+      args, "label_noise" + ("_quick" if args.quick else ""))
+  log = _common.log
 
-  def log(msg):
-    print(msg, flush=True)
-
-  data = load_data()
-  machine = (f"{cpu_model()} ({os.cpu_count()} cores), "
+  data = _common.load_digits_split()
+  machine = (f"{_common.cpu_model()} ({os.cpu_count()} cores), "
              f"{jax.devices()[0].platform}")
   log(f"digits: {len(data[0])} train / {len(data[2])} test; noise "
       f"{NOISE_LEVELS}, seeds {seeds}, {epochs} epochs; {machine}")
@@ -343,20 +327,17 @@ def main(argv=None):
               "momentum": MOMENTUM, "eta": ETA,
               "plan": [list(p) for p in PLAN]}
   md = markdown(main_runs, sweep, argv_used, settings, elapsed)
-  os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-  with open(stem + ".md", "w") as f:
-    f.write(md)
-  with open(stem + ".json", "w") as f:
-    json.dump({"settings": settings, "argv": argv_used, "elapsed_s": elapsed,
-               "seconds_per_method": timings,
-               "results": {k: {str(p): v for p, v in r.items()}
-                           for k, r in main_runs.items()},
-               "sweep": [{"method": k[0], "rho": k[1], "runs": v[0.4]}
-                         for k, v in sweep.items()]}, f)
+  written = _common.write_report(
+      stem, {"settings": settings, "argv": argv_used, "elapsed_s": elapsed,
+             "seconds_per_method": timings,
+             "results": {k: {str(p): v for p, v in r.items()}
+                         for k, r in main_runs.items()},
+             "sweep": [{"method": k[0], "rho": k[1], "runs": v[0.4]}
+                       for k, v in sweep.items()]}, md)
   plot(main_runs, list(NOISE_LEVELS), stem + ".png")
   log("")
   log(md)
-  log(f"wrote {stem}.md, .json and .png ({elapsed:.0f} s)")
+  log(f"wrote {', '.join(written)} and {stem}.png ({elapsed:.0f} s)")
 
 
 if __name__ == "__main__":

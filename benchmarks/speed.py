@@ -8,38 +8,51 @@ two sizes each, synthetic data), the step time and the compiled memory of
 * ``base``:         the base optimizer (SGD with momentum), one gradient;
 * ``hand_sam``:     a hand-written two-gradient SAM step (the reference);
 * ``sam_optax``:    ``sam_optax.sam(base, rho)``;
+* ``sam_optax_lowmem``: the same step compiled by
+  ``sam_optax.compile_low_memory`` (the default or XLA:CPU's
+  memory-optimised schedule, whichever needs less temp memory);
 * ``hand_asam``:    a hand-written ASAM step (the second reference);
 * ``sam_optax_asam``: ``sam_optax.sam(base, rho, adaptive=True)``;
 * ``optax_contrib``: ``optax.contrib.sam`` in opaque mode with the canonical
-  adversary ``chain(contrib.normalize(), sgd(rho))`` and ``sync_period=2``.
+  adversary ``chain(contrib.normalize(), sgd(rho))`` and ``sync_period=2``;
+* on request only (``--variants``): ``hand_sam_cond`` and ``hand_sam_loop``,
+  the hand-written step with the second pass in its own computation (a
+  ``lax.cond`` or a one-trip ``while_loop``), which XLA cannot interleave
+  with the first pass.
 
 All steps keep the BatchNorm statistics of the clean pass and drop those of
 the perturbed pass. Each step is compiled once (``jit(...).lower(...)
-.compile()``, which also gives ``memory_analysis()``); after a warm-up the
-variants are timed in one process, round-robin over several rounds (the
-order is rotated each round), each sample timing a loop of steps with
-``block_until_ready`` inside the timed region. Ratios are paired: a variant's
-sample is divided by the reference's sample of the same round, so a change in
-machine load hits both.
+.compile()``, which also gives ``memory_analysis()`` and
+``cost_analysis()``); ``base``, ``hand_sam`` and ``sam_optax`` are compiled
+under both schedules for the memory table. After a warm-up the variants are
+timed in one process, round-robin over several rounds (order rotated each
+round), each sample timing a loop of steps with ``block_until_ready`` inside
+the timed region (``benchmarks/_common.py``). Ratios are paired: a variant's
+sample is divided by the reference's sample of the same round.
 
 Reported per model and variant: ms/step (median and interquartile range over
-rounds), the ratio to the base step and to the hand-written reference
-(``sam_optax`` and ``optax_contrib`` against ``hand_sam``, ``sam_optax_asam``
-against ``hand_asam``), the compiled temp and peak memory, the persistent
-optimizer-state bytes and the number of parameter-sized buffers in the state
-beyond the base optimizer's. Targets: ``sam_optax`` / hand-written <= 1.02 in
-step time and <= 1.00 in temp memory, and no extra parameter-sized buffer.
+rounds), the ratio to the base step and to the reference (``sam_optax`` and
+``optax_contrib`` against ``hand_sam``, ``sam_optax_asam`` against
+``hand_asam``, ``sam_optax_lowmem`` against ``sam_optax``), compiled temp and
+peak memory, XLA's "bytes accessed", optimizer-state bytes and parameter-sized
+buffers in the state beyond the base optimizer's; and per model the temp and
+peak of the base and SAM steps under the default and the memory-optimised
+schedules with the ratio SAM/base for each. Peak is arguments + outputs -
+aliased + temp (XLA:CPU's own ``peak_memory_in_bytes`` leaves out temp).
 
 Run (from the repository root; needs flax)::
 
-  python benchmarks/speed.py --quick      # 3 models, ~2 min on 2 CPU cores
+  python benchmarks/speed.py --quick      # 3 models, ~2-3 min on 2 CPU cores
   python benchmarks/speed.py              # all models, more rounds
-  python benchmarks/speed.py --models mlp-l cnn-s --rounds 20
+  python benchmarks/speed.py --models mlp-s mlp-l \\
+      --variants hand_asam sam_optax_asam --default-schedule-only  # ASAM only
 
-Results go to ``benchmarks/results/speed_<device>.json`` and ``.md`` (``cpu``
-or e.g. ``gpu-nvidia-h100-80gb-hbm3``); ``--quick`` writes
-``speed_<device>_quick.*``. Nothing is CPU-specific: the same command runs on
-a GPU.
+Reports go to the git-ignored ``benchmarks/results/local/speed_<device>
+[_quick].{json,md}`` (``<device>``: ``cpu`` or e.g.
+``gpu-nvidia-h100-80gb-hbm3``); ``--write`` writes the tracked
+``benchmarks/results/`` instead, ``--out STEM`` any path. Nothing is
+CPU-specific: the same command runs on a GPU (where only the default
+schedule exists).
 """
 
 from __future__ import annotations
@@ -47,13 +60,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import jax
@@ -63,6 +73,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402
 import _models  # noqa: E402
 
 import sam_optax  # noqa: E402
@@ -71,12 +82,19 @@ LR, MOMENTUM = 0.01, 0.9
 RHO_SAM, RHO_ASAM, ETA = 0.05, 0.5, 0.01
 EPS = 1e-12
 
-VARIANTS = ("base", "hand_sam", "sam_optax", "optax_contrib", "hand_asam",
-            "sam_optax_asam")
+# Timed by default, in this order.
+VARIANTS = ("base", "hand_sam", "sam_optax", "sam_optax_lowmem",
+            "optax_contrib", "hand_asam", "sam_optax_asam")
+# Only on request: the second pass in its own computation (slow on CPU).
+EXTRA_VARIANTS = ("hand_sam_cond", "hand_sam_loop")
 REFERENCE = {"sam_optax": "hand_sam", "optax_contrib": "hand_sam",
-             "sam_optax_asam": "hand_asam"}
+             "sam_optax_asam": "hand_asam", "sam_optax_lowmem": "sam_optax",
+             "hand_sam_cond": "hand_sam", "hand_sam_loop": "hand_sam"}
+# Compiled under both schedules for the memory table.
+MEMORY_VARIANTS = ("base", "hand_sam", "sam_optax", "hand_sam_cond",
+                   "hand_sam_loop")
+SCHEDULES = ("default", "memory_optimized")
 QUICK_MODELS = ("mlp-l", "cnn-s", "transformer-s")
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # ----------------------------------------------------------------------------
@@ -129,6 +147,30 @@ def make_variants(loss_fn: Callable[..., Any]):
     params, opt_state = finish(base, params, opt_state, g_sam)
     return params, new_stats, opt_state, loss
 
+  # (7), (8) The second pass in its own computation: a lax.cond whose
+  # predicate is true at run time, or a while_loop with one trip that XLA
+  # cannot see at compile time (it removes a loop of known trip count 1).
+  def second_pass(kind):
+    def step(params, batch_stats, opt_state, x, y):
+      (loss, new_stats), g = value_and_grad(params, batch_stats, x, y)
+      scale = RHO_SAM / (optax.tree.norm(g) + EPS)
+      perturbed = jax.tree.map(lambda w, gi: w + scale * gi, params, g)
+
+      def g_at(p):
+        return grad(p, batch_stats, x, y)[0]
+
+      if kind == "cond":
+        g_sam = jax.lax.cond(jnp.isfinite(loss), g_at, optax.tree.zeros_like,
+                             perturbed)
+      else:
+        trips = 1 + jnp.isnan(loss).astype(jnp.int32)
+        _, g_sam = jax.lax.while_loop(
+            lambda c: c[0] < trips, lambda c: (c[0] + 1, g_at(perturbed)),
+            (jnp.int32(0), optax.tree.zeros_like(params)))
+      params, opt_state = finish(base, params, opt_state, g_sam)
+      return params, new_stats, opt_state, loss
+    return step
+
   # (3), (4) sam_optax: the perturbed pass's statistics dropped by has_aux.
   def library_step(tx):
     def step(params, batch_stats, opt_state, x, y):
@@ -162,11 +204,13 @@ def make_variants(loss_fn: Callable[..., Any]):
       "optax_contrib": (contrib_tx, contrib_step),
       "hand_asam": (base, hand_asam_step),
       "sam_optax_asam": (asam_tx, library_step(asam_tx)),
+      "hand_sam_cond": (base, second_pass("cond")),
+      "hand_sam_loop": (base, second_pass("loop")),
   }
 
 
 # ----------------------------------------------------------------------------
-# Measurements.
+# Compile: memory and cost of every variant.
 # ----------------------------------------------------------------------------
 
 
@@ -180,172 +224,209 @@ def param_sized_leaves(state: Any, params: Any) -> int:
   return sum((x.shape, x.dtype) in shapes for x in jax.tree.leaves(state))
 
 
-def quantiles(xs):
-  q = np.percentile(np.asarray(xs), [25, 50, 75])
-  return {"median": float(q[1]), "q25": float(q[0]), "q75": float(q[2]),
-          "min": float(np.min(xs)), "max": float(np.max(xs))}
+def memory_stats(compiled) -> dict[str, int]:
+  """Temp, arguments, outputs, aliased and peak bytes of a compiled step.
+
+  ``peak`` is arguments + outputs - aliased + temp, or XLA's own
+  ``peak_memory_in_bytes`` where that is larger (XLA:CPU's leaves out temp;
+  on GPU it is the buffer assignment's peak).
+  """
+  mem = compiled.memory_analysis()
+  out = {"temp": int(mem.temp_size_in_bytes),
+         "arguments": int(mem.argument_size_in_bytes),
+         "outputs": int(mem.output_size_in_bytes),
+         "aliased": int(mem.alias_size_in_bytes)}
+  xla_peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  out["xla_peak"] = xla_peak
+  out["peak"] = max(xla_peak, out["arguments"] + out["outputs"]
+                    - out["aliased"] + out["temp"])
+  return out
 
 
-def run_loop(fn, carry, x, y, n):
-  """Runs ``n`` steps; returns (seconds, carry). Blocks inside the timing."""
-  params, stats, state = carry
-  jax.block_until_ready((params, stats, state))
-  start = time.perf_counter()
-  for _ in range(n):
-    params, stats, state, loss = fn(params, stats, state, x, y)
-  jax.block_until_ready((params, stats, state, loss))
-  return time.perf_counter() - start, (params, stats, state)
+def cost_stats(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return {"flops": float(cost.get("flops", 0.0)),
+          "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
-def bench_model(spec, rounds, min_sample_s, log, compile_workers=2,
-                only=None):
-  """Compiles, measures memory and times the variants for one model.
+def select_variants(names=None) -> list[str]:
+  """The variants to run: ``base``, ``names`` and their references."""
+  if not names:
+    return list(VARIANTS)
+  keep = {"base", *names}
+  for n in names:  # References, and theirs (sam_optax_lowmem -> hand_sam).
+    while n in REFERENCE:
+      n = REFERENCE[n]
+      keep.add(n)
+  return [n for n in VARIANTS + EXTRA_VARIANTS if n in keep]
 
-  ``only``: variant names to run (with ``base`` and their references);
-  default all.
+
+def compile_model(spec, names, workers=2, both_schedules=True,
+                  log=_common.log):
+  """Lowers and compiles the variants of one model.
+
+  Returns ``(compiled, rows, carries, inputs)``: ``{name: Compiled}``;
+  ``{name: row}`` with the memory, cost and state size of each variant (and
+  ``schedules``, the memory under each schedule, for the variants in
+  :data:`MEMORY_VARIANTS`); ``{name: (params, batch_stats, opt_state)}``;
+  and the batch ``(x, y)``.
   """
   params, stats = spec.init()
   x, y = spec.make_batch()
   variants = make_variants(spec.loss_fn())
-  if only:
-    keep = {"base", *only, *(REFERENCE[n] for n in only if n in REFERENCE)}
-    variants = {n: v for n, v in variants.items() if n in keep}
-  n_params = _models.num_params(params)
-  param_bytes = tree_bytes(params)
   base_state = variants["base"][0].init(params)
-  log(f"[{spec.name}] {spec.description}: {n_params:,} params "
-      f"({param_bytes / 2**20:.1f} MiB)")
 
-  # Trace and lower in this thread; compile in a small pool (XLA compiles
-  # release the GIL, and compilation dominates the quick mode's time).
-  def timed_compile(lowered):
+  def job(name, lowered):
     start = time.perf_counter()
-    fn = lowered.compile()
-    return fn, time.perf_counter() - start
+    if both_schedules and name in MEMORY_VARIANTS + ("sam_optax_lowmem",):
+      chosen, report = sam_optax.compile_low_memory(lowered)
+      out = {"schedules": report.compiled, "chosen": chosen,
+             "kept": report.chosen}
+    else:
+      fn = lowered.compile()
+      out = {"schedules": {"default": fn}, "chosen": fn, "kept": "default"}
+    out["compile_s"] = time.perf_counter() - start
+    return out
 
-  futures, carries = {}, {}
-  with ThreadPoolExecutor(max(1, compile_workers)) as pool:
-    for name, (tx, step) in variants.items():
+  # Trace and lower here; compile in a small pool (XLA compiles release the
+  # GIL, and compiling dominates the quick mode's time).
+  carries, futures = {}, {}
+  lowered_names = [n for n in names if n != "sam_optax_lowmem"]
+  if "sam_optax_lowmem" in names and "sam_optax" not in lowered_names:
+    lowered_names.append("sam_optax")
+  with ThreadPoolExecutor(max(1, workers)) as pool:
+    for name in lowered_names:
+      tx, step = variants[name]
       state = tx.init(params)
       carries[name] = (params, stats, state)
-      futures[name] = pool.submit(
-          timed_compile, jax.jit(step).lower(params, stats, state, x, y))
+      log(f"  lowering {name}")
+      futures[pool.submit(
+          job, name, jax.jit(step).lower(params, stats, state, x, y))] = name
+    log(f"  compiling {len(futures)} steps on {max(1, workers)} threads"
+        + (" (base and SAM steps under both schedules)"
+           if both_schedules else ""))
+    done = {}
+    for future in as_completed(futures):
+      name = futures[future]
+      done[name] = future.result()
+      log(f"  compiled {name:15s} {done[name]['compile_s']:5.1f}s")
 
   compiled, rows = {}, {}
-  for name, future in futures.items():
-    fn, compile_s = future.result()
-    state = carries[name][2]
-    mem = fn.memory_analysis()
-    cost = fn.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    compiled[name] = fn
-    rows[name] = {
-        "compile_s": compile_s,
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "peak_bytes": int(getattr(mem, "peak_memory_in_bytes", 0) or 0),
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "flops": float(cost.get("flops", 0.0)),
-        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        "state_bytes": tree_bytes(state),
-        "extra_state_bytes": tree_bytes(state) - tree_bytes(base_state),
-        "extra_param_sized_buffers": (param_sized_leaves(state, params)
-                                      - param_sized_leaves(base_state,
-                                                           params)),
-    }
-    log(f"  compiled {name:15s} {compile_s:5.1f}s  temp "
-        f"{mem.temp_size_in_bytes / 2**20:8.2f} MiB")
+  for name in lowered_names:
+    out, state = done[name], carries[name][2]
+    compiled[name] = out["schedules"]["default"]
+    row = {"compile_s": out["compile_s"],
+           **{f"{k}_bytes": v for k, v in memory_stats(compiled[name]).items()},
+           **cost_stats(compiled[name]),
+           "state_bytes": tree_bytes(state),
+           "extra_state_bytes": tree_bytes(state) - tree_bytes(base_state),
+           "extra_param_sized_buffers": (param_sized_leaves(state, params)
+                                         - param_sized_leaves(base_state,
+                                                              params))}
+    if len(out["schedules"]) > 1 or name in MEMORY_VARIANTS:
+      row["schedules"] = {s: memory_stats(c)
+                          for s, c in out["schedules"].items()}
+      row["kept_schedule"] = out["kept"]
+    rows[name] = row
+    log(f"  {name:15s} temp " + " / ".join(
+        f"{s} {mib(m['temp'])}" for s, m in row.get(
+            "schedules", {"default": memory_stats(compiled[name])}).items())
+        + " MiB")
+    if name == "sam_optax" and "sam_optax_lowmem" in names:
+      compiled["sam_optax_lowmem"] = out["chosen"]
+      carries["sam_optax_lowmem"] = carries[name]
+      rows["sam_optax_lowmem"] = {
+          **row, **{f"{k}_bytes": v for k, v in memory_stats(
+              out["chosen"]).items()}, **cost_stats(out["chosen"])}
+  order = [n for n in names if n in compiled]
+  return ({n: compiled[n] for n in order}, {n: rows[n] for n in order},
+          carries, (x, y))
 
-  # Warm-up (two calls each) and the loop length: one sample of the slowest
-  # variant should take about min_sample_s.
-  slowest = 0.0
-  for name, fn in compiled.items():
-    _, carries[name] = run_loop(fn, carries[name], x, y, 1)
-    seconds, carries[name] = run_loop(fn, carries[name], x, y, 1)
-    slowest = max(slowest, seconds)
-  n_steps = max(1, int(round(min_sample_s / max(slowest, 1e-6))))
-  log(f"  timing: {rounds} rounds x {len(compiled)} variants x "
-      f"{n_steps} steps")
 
-  samples = {name: [] for name in compiled}
-  names = list(compiled)
-  for r in range(rounds):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for name in order:
-      seconds, carries[name] = run_loop(compiled[name], carries[name], x, y,
-                                        n_steps)
-      samples[name].append(seconds / n_steps)
-    log(f"  round {r + 1}/{rounds}: " + "  ".join(
-        f"{n} {samples[n][-1] * 1e3:.2f}" for n in names) + " ms")
+# ----------------------------------------------------------------------------
+# Time and compare.
+# ----------------------------------------------------------------------------
 
-  for name in names:
-    ms = [s * 1e3 for s in samples[name]]
-    row = rows[name]
-    row["ms"] = quantiles(ms)
-    row["samples_ms"] = ms
-    row["vs_base"] = quantiles(
-        [a / b for a, b in zip(samples[name], samples["base"])])
+
+def time_model(compiled, carries, inputs, rounds, sample_seconds,
+               log=_common.log):
+  """Interleaved timing; returns ``({name: [s/step per round]}, steps)``."""
+  runners = {name: _common.loop_runner(fn, carries[name], *inputs)
+             for name, fn in compiled.items()}
+  return _common.time_interleaved(runners, rounds, sample_seconds,
+                                  progress=log)
+
+
+def compare(rows, samples, param_bytes):
+  """Adds times, paired ratios and memory/bytes ratios to ``rows``."""
+  q = _common.quantiles
+  base_temp = max(rows["base"]["temp_bytes"], 1)
+  for name, row in rows.items():
+    row["ms"] = q(s * 1e3 for s in samples[name])
+    row["samples_ms"] = [s * 1e3 for s in samples[name]]
+    row["vs_base"] = _common.paired(samples, name, "base")
+    row["temp_vs_base"] = row["temp_bytes"] / base_temp
     ref = REFERENCE.get(name)
-    if ref is not None:
-      row["reference"] = ref
-      row["vs_reference"] = quantiles(
-          [a / b for a, b in zip(samples[name], samples[ref])])
-      row["temp_vs_reference"] = (row["temp_bytes"]
-                                  / max(rows[ref]["temp_bytes"], 1))
-      row["bytes_accessed_vs_reference"] = (
-          row["bytes_accessed"] / max(rows[ref]["bytes_accessed"], 1))
-      row["extra_bytes_accessed_in_params"] = (
-          (row["bytes_accessed"] - rows[ref]["bytes_accessed"]) / param_bytes)
-      row["min_vs_reference"] = min(samples[name]) / min(samples[ref])
+    if ref is None or ref not in rows:
+      continue
+    r = rows[ref]
+    row["reference"] = ref
+    row["vs_reference"] = _common.paired(samples, name, ref)
+    row["min_vs_reference"] = min(samples[name]) / min(samples[ref])
+    row["temp_vs_reference"] = row["temp_bytes"] / max(r["temp_bytes"], 1)
+    row["bytes_accessed_vs_reference"] = (row["bytes_accessed"]
+                                          / max(r["bytes_accessed"], 1))
+    row["extra_bytes_accessed_in_params"] = (
+        (row["bytes_accessed"] - r["bytes_accessed"]) / param_bytes)
+  return rows
+
+
+def memory_summary(rows) -> dict[str, Any]:
+  """Temp and peak of base and SAM steps per schedule, and SAM / base."""
+  base = rows["base"].get("schedules")
+  if not base:
+    return {}
+  out = {"base": base}
+  for name in ("hand_sam", "sam_optax", "hand_sam_cond", "hand_sam_loop"):
+    sched = rows.get(name, {}).get("schedules")
+    if not sched:
+      continue
+    out[name] = {
+        s: {**m,
+            "temp_vs_base": m["temp"] / max(base[s]["temp"], 1),
+            "peak_vs_base": m["peak"] / max(base[s]["peak"], 1),
+            "temp_vs_base_default": m["temp"] / max(
+                base["default"]["temp"], 1),
+            "peak_vs_base_default": m["peak"] / max(
+                base["default"]["peak"], 1)}
+        for s, m in sched.items() if s in base}
+    out[name]["kept"] = rows[name].get("kept_schedule")
+  return out
+
+
+def bench_model(spec, rounds, sample_seconds, names=None, workers=2,
+                both_schedules=True, log=_common.log):
+  """Compiles, times and compares the variants of one model."""
+  params, _ = spec.init()
+  n_params = _models.num_params(params)
+  param_bytes = tree_bytes(params)
+  log(f"[{spec.name}] {spec.description}: {n_params:,} params "
+      f"({param_bytes / 2**20:.1f} MiB)")
+  compiled, rows, carries, inputs = compile_model(
+      spec, select_variants(names), workers, both_schedules, log)
+  samples, n_steps = time_model(compiled, carries, inputs, rounds,
+                                sample_seconds, log)
+  compare(rows, samples, param_bytes)
   return {"name": spec.name, "description": spec.description,
           "num_params": n_params, "param_bytes": param_bytes,
-          "steps_per_sample": n_steps, "rounds": rounds, "variants": rows}
+          "steps_per_sample": n_steps, "rounds": rounds, "variants": rows,
+          "memory": memory_summary(rows)}
 
 
 # ----------------------------------------------------------------------------
-# Machine description, targets and output.
+# Targets and the report.
 # ----------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-  dev = jax.devices()[0]
-  info = {"platform": dev.platform, "device_kind": dev.device_kind,
-          "device_count": jax.device_count(),
-          "jax": jax.__version__, "optax": optax.__version__,
-          "sam_optax": sam_optax.__version__,
-          "python": platform.python_version(),
-          "cpu_cores": os.cpu_count()}
-  try:
-    import flax
-    info["flax"] = flax.__version__
-  except ImportError:
-    pass
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = re.findall(r"^model name\s*:\s*(.*)$", f.read(), re.M)
-    info["cpu_model"] = names[0] if names else platform.processor()
-  except OSError:
-    info["cpu_model"] = platform.processor() or platform.machine()
-  try:
-    info["git_commit"] = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-        text=True, check=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  try:
-    info["load_average_start"] = list(os.getloadavg())
-  except OSError:
-    pass
-  return info
-
-
-def device_slug() -> str:
-  dev = jax.devices()[0]
-  if dev.platform == "cpu":
-    return "cpu"
-  kind = re.sub(r"[^a-z0-9]+", "-", dev.device_kind.lower()).strip("-")
-  return f"{dev.platform}-{kind}"
 
 
 TIME_TARGET, TEMP_TARGET = 1.02, 1.00
@@ -356,9 +437,9 @@ def check_targets(results) -> list[str]:
   lines = []
   for res in results:
     for name in ("sam_optax", "sam_optax_asam"):
-      if name not in res["variants"]:
+      row = res["variants"].get(name)
+      if row is None or "vs_reference" not in row:
         continue
-      row = res["variants"][name]
       ratio, temp = row["vs_reference"], row["temp_vs_reference"]
       t_ok = ratio["median"] <= TIME_TARGET
       noise = ""
@@ -383,55 +464,95 @@ def mib(n: float) -> str:
 
 def summary_table(results) -> list[str]:
   """One row per model: the ratios that matter, medians of paired ratios."""
-  out = ["| model | params | base ms | hand_sam x base | sam_optax x hand_sam "
-         "| optax_contrib x hand_sam | sam_optax_asam x hand_asam | SAM temp x "
-         "base temp | sam_optax bytes x ref (SAM / ASAM) |",
-         "|---|---|---|---|---|---|---|---|---|"]
+  cols = [("hand_sam", "vs_base", "hand_sam x base"),
+          ("sam_optax", "vs_reference", "sam_optax x hand_sam"),
+          ("sam_optax_lowmem", "vs_reference", "sam_optax_lowmem x sam_optax"),
+          ("optax_contrib", "vs_reference", "optax_contrib x hand_sam"),
+          ("sam_optax_asam", "vs_reference", "sam_optax_asam x hand_asam")]
+  present = [c for c in cols
+             if any(c[0] in r["variants"] for r in results)]
+  out = ["| model | params | base ms | " + " | ".join(c[2] for c in present)
+         + " | sam_optax bytes x ref (SAM / ASAM) |",
+         "|---|---|---|" + "---|" * len(present) + "---|"]
   for res in results:
     v = res["variants"]
+    cells = []
+    for name, key, _ in present:
+      cells.append(_common.fmt_quantiles(v[name][key])
+                   if name in v and key in v[name] else "—")
 
-    def ratio(name):
-      if name not in v:
-        return "—"
-      r = v[name]["vs_reference"]
-      return f"{r['median']:.2f} [{r['q25']:.2f}, {r['q75']:.2f}]"
+    def nbytes(name):
+      row = v.get(name, {})
+      return (f"{row['bytes_accessed_vs_reference']:.3f}"
+              if "bytes_accessed_vs_reference" in row else "—")
 
-    def get(name, fmt, fn):
-      return fmt.format(fn(v[name])) if name in v else "—"
+    out.append(f"| {res['name']} | {res['num_params']:,} | "
+               f"{v['base']['ms']['median']:.1f} | " + " | ".join(cells)
+               + f" | {nbytes('sam_optax')} / {nbytes('sam_optax_asam')} |")
+  return out
 
-    base_temp = max(v["base"]["temp_bytes"], 1)
+
+def memory_table(results) -> list[str]:
+  """Temp and peak of base and SAM, default and memory-optimised schedule."""
+  rows = [r for r in results if r.get("memory", {}).get("base")]
+  if not rows:
+    return []
+  sam = "sam_optax" if any("sam_optax" in r["memory"] for r in rows) \
+      else "hand_sam"
+  out = [
+      f"SAM = `{sam}` (hand_sam's temp is within 0.1% of it on every "
+      "model: see the per-model tables). `def`: XLA's default schedule; "
+      "`mem`: XLA:CPU's memory-optimised schedule "
+      "(`xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`). "
+      "Temp and peak in MiB; peak = arguments + outputs + temp (nothing "
+      "donated). SAM(mem) / base(def): the SAM step compiled for low "
+      "memory against the base step as users compile it. Kept: the schedule "
+      "`sam_optax.compile_low_memory` keeps for the SAM step.", "",
+      "| model | base temp def / mem | SAM temp def / mem | SAM/base temp "
+      "def | SAM/base temp mem | SAM(mem) / base(def) temp | base peak def / "
+      "mem | SAM peak def / mem | SAM/base peak def / mem | SAM(mem) / "
+      "base(def) peak | kept |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for res in rows:
+    m = res["memory"]
+    base, s = m["base"], m.get(sam)
+    if not s or "memory_optimized" not in s:
+      out.append(f"| {res['name']} | {mib(base['default']['temp'])} | "
+                 + (f"{mib(s['default']['temp'])} | "
+                    f"{s['default']['temp_vs_base']:.2f}" if s else "—")
+                 + " | — (one schedule) |" + " — |" * 7)
+      continue
+    d, o = s["default"], s["memory_optimized"]
     out.append(
-        f"| {res['name']} | {res['num_params']:,} | "
-        f"{v['base']['ms']['median']:.1f} | "
-        + get("hand_sam", "{:.2f}", lambda r: r["vs_base"]["median"]) +
-        f" | {ratio('sam_optax')} | {ratio('optax_contrib')} | "
-        f"{ratio('sam_optax_asam')} | "
-        + get("hand_sam", "{:.2f}", lambda r: r["temp_bytes"] / base_temp) +
-        " | "
-        + get("sam_optax", "{:.3f}",
-              lambda r: r["bytes_accessed_vs_reference"]) + " / "
-        + get("sam_optax_asam", "{:.3f}",
-              lambda r: r["bytes_accessed_vs_reference"]) + " |")
+        f"| {res['name']} | {mib(base['default']['temp'])} / "
+        f"{mib(base['memory_optimized']['temp'])} | {mib(d['temp'])} / "
+        f"{mib(o['temp'])} | {d['temp_vs_base']:.2f} | "
+        f"{o['temp_vs_base']:.2f} | {o['temp_vs_base_default']:.2f} | "
+        f"{mib(base['default']['peak'])} / "
+        f"{mib(base['memory_optimized']['peak'])} | {mib(d['peak'])} / "
+        f"{mib(o['peak'])} | {d['peak_vs_base']:.2f} / "
+        f"{o['peak_vs_base']:.2f} | {o['peak_vs_base_default']:.2f} | "
+        f"{s.get('kept')} |")
+  extra = [(res["name"], n, res["memory"][n]) for res in rows
+           for n in ("hand_sam_cond", "hand_sam_loop") if n in res["memory"]]
+  if extra:
+    out += ["", "The second pass in its own computation (temp MiB, default "
+            "schedule; time from the per-model tables):", "",
+            "| model | variant | temp def | temp / base def | time x hand_sam "
+            "|", "|---|---|---|---|---|"]
+    for model, name, m in extra:
+      res = next(r for r in rows if r["name"] == model)
+      vr = res["variants"][name].get("vs_reference")
+      out.append(f"| {model} | {name} | {mib(m['default']['temp'])} | "
+                 f"{m['default']['temp_vs_base']:.2f} | "
+                 + (_common.fmt_quantiles(vr) if vr else "—") + " |")
   return out
 
 
 def markdown(results, info, args, elapsed) -> str:
-  """The Markdown report: machine, one table per model, target checks."""
-  out = [f"# SAM step speed and memory ({device_slug()})", ""]
-  out.append(
-      f"Machine: {info.get('cpu_model')} ({info['cpu_cores']} cores), device "
-      f"{info['platform']}/{info['device_kind']} x{info['device_count']}; "
-      f"jax {info['jax']}, optax {info['optax']}, flax {info.get('flax')}, "
-      f"sam_optax {info['sam_optax']}"
-      + (f" (commit {info['git_commit']})" if "git_commit" in info else "")
-      + f", Python {info['python']}.")
-  if "load_average_start" in info:
-    start = "/".join(f"{v:.2f}" for v in info["load_average_start"])
-    end = "/".join(f"{v:.2f}" for v in info.get("load_average_end", []))
-    out.append(
-        f"Load average (1/5/15 min) {start} at the start, {end} at the end: "
-        "the machine is shared, so timings are noisy; ratios are paired per "
-        "round.")
+  """The Markdown report: machine, summary, memory, per model, targets."""
+  out = [f"# SAM step speed and memory ({_common.device_slug()})", ""]
+  out += _common.machine_markdown(info)
   cmd = " ".join(["python benchmarks/speed.py"] + list(args))
   out.append(
       f"Command: `{cmd}` ({elapsed / 60:.1f} min). SGD momentum (lr {LR}, "
@@ -441,12 +562,17 @@ def markdown(results, info, args, elapsed) -> str:
       "", "Columns: ms/step, median [interquartile range] over rounds; "
       "x base and x ref, median of the per-round paired ratios (ref = "
       "hand_sam for sam_optax and optax_contrib, hand_asam for "
-      "sam_optax_asam); temp and peak MiB from "
-      "`compile().memory_analysis()`; bytes: XLA's `cost_analysis()` bytes "
-      "accessed, relative to ref; state: optimizer-state bytes; +buf: "
+      "sam_optax_asam, sam_optax for sam_optax_lowmem); temp and peak MiB "
+      "from `compile().memory_analysis()` (peak = arguments + outputs - "
+      "aliased + temp); bytes: XLA's `cost_analysis()` bytes accessed, "
+      "relative to ref; state: optimizer-state bytes; +buf: "
       "parameter-sized buffers in the state beyond SGD momentum's.", ""]
   out += ["## Summary", "", "Median [IQR] of per-round paired ratios.", ""]
   out += summary_table(results)
+  mem = memory_table(results)
+  if mem:
+    out += ["", "## Memory: SAM against the base step, per schedule", ""]
+    out += mem
   out += ["", "## Per model", ""]
   for res in results:
     out.append(f"### {res['name']}: {res['description']}, "
@@ -454,22 +580,23 @@ def markdown(results, info, args, elapsed) -> str:
                f"; {res['rounds']} rounds x {res['steps_per_sample']} steps")
     out.append("")
     out.append("| variant | ms/step | x base | x ref | temp MiB | temp x ref "
-               "| peak MiB | bytes x ref | state bytes | +buf |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+               "| peak MiB | bytes accessed MiB | bytes x ref | state bytes "
+               "| +buf |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in res["variants"].items():
       ms, vb = row["ms"], row["vs_base"]
       if "vs_reference" in row:
-        vr = row["vs_reference"]
-        ref = f"{vr['median']:.3f} [{vr['q25']:.3f}, {vr['q75']:.3f}]"
+        ref = _common.fmt_quantiles(row["vs_reference"], 3)
         tref = f"{row['temp_vs_reference']:.3f}"
         bref = f"{row['bytes_accessed_vs_reference']:.3f}"
       else:
         ref = tref = bref = "—"
       out.append(
-          f"| {name} | {ms['median']:.2f} [{ms['q25']:.2f}, {ms['q75']:.2f}]"
-          f" | {vb['median']:.2f} | {ref} | {mib(row['temp_bytes'])} | "
-          f"{tref} | {mib(row['peak_bytes'])} | {bref} | "
-          f"{row['state_bytes']:,} | {row['extra_param_sized_buffers']} |")
+          f"| {name} | {_common.fmt_quantiles(ms)} | {vb['median']:.2f} | "
+          f"{ref} | {mib(row['temp_bytes'])} | {tref} | "
+          f"{mib(row['peak_bytes'])} | {mib(row['bytes_accessed'])} | "
+          f"{bref} | {row['state_bytes']:,} | "
+          f"{row['extra_param_sized_buffers']} |")
     out.append("")
   out += ["## Targets", "", "sam_optax / hand-written: step time <= "
           f"{TIME_TARGET} (median paired ratio), temp memory <= "
@@ -488,13 +615,14 @@ def main(argv=None):
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help=f"models {', '.join(QUICK_MODELS)}, 8 rounds of "
-                      "~0.05 s samples (about 2 min on 2 CPU cores)")
+                      "~0.05 s samples (about 2-3 min on 2 CPU cores)")
   parser.add_argument("--models", nargs="+", choices=list(_models.MODELS),
                       help="models to run (default: all, or the quick set)")
   parser.add_argument("--variants", nargs="+",
-                      choices=[v for v in VARIANTS if v != "base"],
+                      choices=[v for v in VARIANTS + EXTRA_VARIANTS
+                               if v != "base"],
                       help="variants to time (base and the references are "
-                      "added); default all")
+                      "added); default: " + " ".join(VARIANTS[1:]))
   parser.add_argument("--rounds", type=int, help="timing rounds "
                       "(default: 8 quick, 20 full)")
   parser.add_argument("--sample-seconds", type=float,
@@ -502,11 +630,13 @@ def main(argv=None):
                       "(default: 0.05 quick, 0.1 full)")
   parser.add_argument("--compile-workers", type=int, default=2,
                       help="threads compiling the variants (default: 2)")
+  parser.add_argument("--default-schedule-only", action="store_true",
+                      help="compile every step once, with XLA's default "
+                      "schedule (faster; no memory-schedule table)")
   parser.add_argument("--render", metavar="JSON",
                       help="only rewrite the Markdown report of a saved "
                       "results file")
-  parser.add_argument("--out", help="output stem (default: "
-                      "benchmarks/results/speed_<device>[_quick])")
+  _common.add_output_args(parser, "speed_<device>[_quick]")
   args = parser.parse_args(argv)
   argv_used = sys.argv[1:] if argv is None else list(argv)
   if args.render:
@@ -514,8 +644,7 @@ def main(argv=None):
       saved = json.load(f)
     md = markdown(saved["results"], saved["machine"], saved["argv"],
                   saved["elapsed_s"])
-    with open(os.path.splitext(args.render)[0] + ".md", "w") as f:
-      f.write(md)
+    _common.write_report(os.path.splitext(args.render)[0], None, md)
     print(md)
     return saved["results"]
 
@@ -523,40 +652,34 @@ def main(argv=None):
                            list(_models.MODELS))
   rounds = args.rounds or (8 if args.quick else 20)
   sample_s = args.sample_seconds or (0.05 if args.quick else 0.1)
-  stem = args.out or os.path.join(
-      RESULTS, f"speed_{device_slug()}{'_quick' if args.quick else ''}")
+  stem = _common.output_stem(
+      args, f"speed_{_common.device_slug()}{'_quick' if args.quick else ''}")
+  if "lowmem" in " ".join(args.variants or ()) and args.default_schedule_only:
+    parser.error("sam_optax_lowmem needs both schedules")
 
-  def log(msg):
-    print(msg, flush=True)
-
-  info = machine()
-  log(f"device {info['platform']}/{info['device_kind']}, "
-      f"{info.get('cpu_model')}, {info['cpu_cores']} cores; jax "
-      f"{info['jax']}, optax {info['optax']}")
+  info = _common.machine()
+  _common.log(f"device {info['platform']}/{info['device_kind']}, "
+              f"{info.get('cpu_model')}, {info['cpu_cores']} cores; jax "
+              f"{info['jax']}, optax {info['optax']}; models "
+              f"{' '.join(models)}; report -> {stem}.md")
   start = time.perf_counter()
-  results = [bench_model(_models.MODELS[m], rounds, sample_s, log,
-                         args.compile_workers, args.variants)
+  results = [bench_model(_models.MODELS[m], rounds, sample_s, args.variants,
+                         args.compile_workers,
+                         not args.default_schedule_only)
              for m in models]
   elapsed = time.perf_counter() - start
-  try:
-    info["load_average_end"] = list(os.getloadavg())
-  except OSError:
-    pass
+  info["load_average_end"] = _common.load_average()
 
-  os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-  with open(stem + ".json", "w") as f:
-    json.dump({"machine": info, "argv": argv_used, "elapsed_s": elapsed,
-               "settings": {"lr": LR, "momentum": MOMENTUM,
-                            "rho_sam": RHO_SAM, "rho_asam": RHO_ASAM,
-                            "eta": ETA, "rounds": rounds,
-                            "sample_seconds": sample_s},
-               "results": results}, f, indent=1)
+  data = {"machine": info, "argv": argv_used, "elapsed_s": elapsed,
+          "settings": {"lr": LR, "momentum": MOMENTUM, "rho_sam": RHO_SAM,
+                       "rho_asam": RHO_ASAM, "eta": ETA, "rounds": rounds,
+                       "sample_seconds": sample_s},
+          "results": results}
   md = markdown(results, info, argv_used, elapsed)
-  with open(stem + ".md", "w") as f:
-    f.write(md)
-  log("")
-  log(md)
-  log(f"wrote {stem}.json and {stem}.md ({elapsed:.0f} s)")
+  written = _common.write_report(stem, data, md)
+  _common.log("")
+  _common.log(md)
+  _common.log(f"wrote {' and '.join(written)} ({elapsed:.0f} s)")
   return results
 
 

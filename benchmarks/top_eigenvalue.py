@@ -26,31 +26,25 @@ Run (about 40 s on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 
-import sam_optax
-from sam_optax import diagnostics
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+import sam_optax  # noqa: E402
+from sam_optax import diagnostics  # noqa: E402
 
 BATCH_SIZE = 32
 LR = 0.05
 RHO = 0.1
 SMOOTHING = 0.1
-
-
-def load_data():
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(
-      x, y, test_size=0.3, random_state=0, stratify=y)
-  scaler = StandardScaler().fit(x_train)
-  return (scaler.transform(x_train).astype(np.float32), y_train,
-          scaler.transform(x_test).astype(np.float32), y_test)
 
 
 def init_mlp(seed, sizes=(64, 128, 10)):
@@ -85,7 +79,7 @@ def optimizers():
       "sgd": base(),
       "sam": sam_optax.sam(base(), rho=RHO),
       "gsam": sam_optax.gsam(base(), rho=RHO, alpha=0.3),
-      "looksam": sam_optax.looksam(base(), rho=RHO, k=5, alpha=0.7),
+      "looksam": _common.looksam(base(), 5, rho=RHO, alpha=0.7),
       "friendly_sam": sam_optax.friendly_sam(base(), rho=RHO),
   }
 
@@ -134,7 +128,7 @@ def main():
   parser.add_argument("--epochs", type=int, default=30)
   args = parser.parse_args()
 
-  x_train, y_train, x_test, y_test = load_data()
+  x_train, y_train, x_test, y_test = _common.load_digits_split()
 
   def full_loss(params):  # One function object: compiled once.
     return loss_fn(params, x_train, y_train)

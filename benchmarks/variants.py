@@ -10,26 +10,32 @@ the base optimizer) for
   skipped steps really skip the second gradient, their average step costs
   about (k + 1)/k plain steps, not 2.
 
-Method: one compiled step per variant, warmed up; then rounds in which every
-variant runs a block of 20 consecutive steps (a multiple of k, so each block
-has the same mix of SAM and reuse steps) timed with ``block_until_ready``,
-the variants interleaved within each round so that a background load hits
-them alike. Reported: the median and the best (minimum) over rounds of the
-time per step, the ratio to ``sgd`` (median over rounds of the ratio to the
-``sgd`` block of the same round, and ratio of the best times, which is the
-least sensitive to other jobs on the machine), and the temporary memory XLA
-allocates for the compiled step.
+Method (``benchmarks/_common.py``): one compiled step per variant, warmed
+up; then rounds in which every variant runs a sample of consecutive steps (a
+multiple of 20, so of every k, so each sample has the same mix of SAM and
+reuse steps) timed with ``block_until_ready``, the variants interleaved
+round-robin with the order rotated each round so that a background load hits
+them alike. Reported: the median [IQR] and the best (minimum) over rounds of
+the time per step, the ratio to ``sgd`` (median [IQR] over rounds of the
+ratio to the ``sgd`` sample of the same round, and the ratio of the best
+times, the least sensitive to other jobs on the machine), and the temporary
+memory XLA allocates for the compiled step.
 
 Run (about 30 s on 2 CPU cores)::
 
   python benchmarks/variants.py
   python benchmarks/variants.py --rounds 15 --hidden 1024
+
+The report goes to the git-ignored ``benchmarks/results/local/
+variants_<device>.{json,md}``; ``--write`` writes the tracked
+``benchmarks/results/variants_<device>.*``, ``--out STEM`` any path.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import os
+import sys
 import time
 
 import jax
@@ -37,9 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import sam_optax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-BLOCK = 20  # Steps per timed block: a multiple of every k below.
+import _common  # noqa: E402
+
+import sam_optax  # noqa: E402
+
+BLOCK = 20  # Steps per sample: a multiple of every k below.
+PERIODS = (1, 5, 10)
 
 
 def init_mlp(seed, sizes):
@@ -63,10 +74,19 @@ def optimizers(lr=0.05, rho=0.05):
       "sam": sam_optax.sam(base(), rho=rho),
       "gsam": sam_optax.gsam(base(), rho=rho, alpha=0.3),
       "friendly_sam": sam_optax.friendly_sam(base(), rho=rho),
-      "looksam k=1": sam_optax.looksam(base(), rho=rho, k=1),
-      "looksam k=5": sam_optax.looksam(base(), rho=rho, k=5),
-      "looksam k=10": sam_optax.looksam(base(), rho=rho, k=10),
+      **{f"looksam k={k}": _common.looksam(base(), k, rho=rho)
+         for k in PERIODS},
   }
+
+
+def expected_ratio(name):
+  """Gradient evaluations per step relative to sgd."""
+  if name == "sgd":
+    return 1.0
+  if name.startswith("looksam"):
+    k = int(name.split("=")[1])
+    return (k + 1) / k
+  return 2.0
 
 
 def make_step(name, tx):
@@ -83,64 +103,77 @@ def make_step(name, tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def main():
+def markdown(rows, info, argv, header):
+  out = ["# SAM variants: step time (`benchmarks/variants.py`)", ""]
+  out += _common.machine_markdown(info)
+  out += [f"Command: `python benchmarks/variants.py {' '.join(argv)}`. "
+          + header, "",
+          "| optimizer | ms/step median [IQR] | best ms | x sgd median [IQR] "
+          "| best x best sgd | expected | temp MiB |",
+          "|---|---|---|---|---|---|---|"]
+  for name, row in rows.items():
+    out.append(
+        f"| {name} | {_common.fmt_quantiles(row['ms'])} | "
+        f"{row['ms']['min']:.2f} | {_common.fmt_quantiles(row['vs_sgd'])} | "
+        f"{row['best_vs_best_sgd']:.2f} | {row['expected']:.2f} | "
+        f"{row['temp_bytes'] / 2**20:.2f} |")
+  out += ["", "expected: gradient evaluations per step relative to sgd (the "
+          "update arithmetic is not counted)."]
+  return "\n".join(out)
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--hidden", type=int, default=512)
   parser.add_argument("--batch", type=int, default=256)
-  args = parser.parse_args()
+  parser.add_argument("--sample-seconds", type=float, default=0.2,
+                      help="approximate length of one timed sample")
+  _common.add_output_args(parser, "variants_<device>")
+  args = parser.parse_args(argv)
+  argv_used = sys.argv[1:] if argv is None else list(argv)
+  stem = _common.output_stem(args, f"variants_{_common.device_slug()}")
 
+  info = _common.machine()
   sizes = (64, args.hidden, args.hidden, 10)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(args.batch, sizes[0])), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, size=args.batch))
-  runs = {}
+  start = time.perf_counter()
+  runners, temps = {}, {}
   for name, tx in optimizers().items():
     params = init_mlp(0, sizes)
     state = tx.init(params)
-    step = make_step(name, tx)
-    memory = step.lower(params, state, x, y).compile().memory_analysis()
-    for _ in range(BLOCK):  # Compile and warm up.
-      params, state = step(params, state, x, y)
-    jax.block_until_ready(params)
-    runs[name] = dict(step=step, params=params, state=state, times=[],
-                      temp=getattr(memory, "temp_size_in_bytes", 0))
+    _common.log(f"compiling {name}")
+    step = make_step(name, tx).lower(params, state, x, y).compile()
+    temps[name] = int(getattr(step.memory_analysis(), "temp_size_in_bytes",
+                              0))
+    runners[name] = _common.loop_runner(step, (params, state), x, y)
+  samples, n = _common.time_interleaved(
+      runners, args.rounds, args.sample_seconds, step_multiple=BLOCK,
+      min_steps=BLOCK)
+  elapsed = time.perf_counter() - start
+  info["load_average_end"] = _common.load_average()
 
-  for _ in range(args.rounds):
-    for run in runs.values():
-      params, state = run["params"], run["state"]
-      start = time.perf_counter()
-      for _ in range(BLOCK):
-        params, state = run["step"](params, state, x, y)
-      jax.block_until_ready((params, state))
-      run["times"].append((time.perf_counter() - start) / BLOCK)
-      run["params"], run["state"] = params, state
-
-  base = np.asarray(runs["sgd"]["times"])
+  best_sgd = min(samples["sgd"])
+  rows = {name: {
+      "ms": _common.quantiles(s * 1e3 for s in samples[name]),
+      "vs_sgd": _common.paired(samples, name, "sgd"),
+      "best_vs_best_sgd": min(samples[name]) / best_sgd,
+      "expected": expected_ratio(name), "temp_bytes": temps[name],
+      "samples_ms": [s * 1e3 for s in samples[name]]} for name in samples}
   n_params = sum(w.size + b.size for w, b in init_mlp(0, sizes))
-  print(f"MLP {'-'.join(map(str, sizes))} ({n_params} params), batch "
-        f"{args.batch}, {args.rounds} rounds of {BLOCK} steps; "
-        f"jax {jax.__version__}, {jax.devices()[0].platform} "
-        f"({platform.processor() or platform.machine()})")
-  print(f"{'optimizer':<14}{'median':>9}{'best':>9}{'vs sgd':>8}"
-        f"{'best vs':>9}{'expected':>10}{'temp mem':>10}")
-  best_base = base.min()
-  for name, run in runs.items():
-    times = np.asarray(run["times"])
-    ratio = np.median(times / base)  # Paired with sgd in the same round.
-    if name == "sgd":
-      expected = 1.0
-    elif name.startswith("looksam"):
-      k = int(name.split("=")[1])
-      expected = (k + 1) / k
-    else:
-      expected = 2.0
-    print(f"{name:<14}{np.median(times) * 1e3:>7.2f}ms"
-          f"{times.min() * 1e3:>7.2f}ms{ratio:>7.2f}x"
-          f"{times.min() / best_base:>8.2f}x{expected:>9.2f}x"
-          f"{run['temp'] / 2**20:>8.1f}MB")
-  print("expected: gradient evaluations per step relative to sgd (the "
-        "update arithmetic is not counted).")
+  header = (f"MLP {'-'.join(map(str, sizes))} ({n_params:,} params), batch "
+            f"{args.batch}, SGD + momentum 0.9 as the base, {args.rounds} "
+            f"rounds of {n} steps per optimizer, interleaved "
+            f"({elapsed:.0f} s).")
+  md = markdown(rows, info, argv_used, header)
+  written = _common.write_report(
+      stem, {"machine": info, "argv": argv_used, "elapsed_s": elapsed,
+             "steps_per_sample": n, "results": rows}, md)
+  _common.log("")
+  _common.log(md)
+  _common.log(f"wrote {' and '.join(written)}")
 
 
 if __name__ == "__main__":
