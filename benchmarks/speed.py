@@ -163,9 +163,15 @@ def make_variants(loss_fn: Callable[..., Any]):
         g_sam = jax.lax.cond(jnp.isfinite(loss), g_at, optax.tree.zeros_like,
                              perturbed)
       else:
+        # The barrier ties the perturbed params to the loop counter, so that
+        # loop-invariant code motion cannot hoist the pass out of the loop.
+        def body(c):
+          i, p = jax.lax.optimization_barrier((c[0], perturbed))
+          return i + 1, g_at(p)
+
         trips = 1 + jnp.isnan(loss).astype(jnp.int32)
         _, g_sam = jax.lax.while_loop(
-            lambda c: c[0] < trips, lambda c: (c[0] + 1, g_at(perturbed)),
+            lambda c: c[0] < trips, body,
             (jnp.int32(0), optax.tree.zeros_like(params)))
       params, opt_state = finish(base, params, opt_state, g_sam)
       return params, new_stats, opt_state, loss
