@@ -526,7 +526,7 @@ def memory_table(results) -> list[str]:
       out.append(f"| {res['name']} | {mib(base['default']['temp'])} | "
                  + (f"{mib(s['default']['temp'])} | "
                     f"{s['default']['temp_vs_base']:.2f}" if s else "—")
-                 + " | — (one schedule) |" + " — |" * 7)
+                 + " | — (one schedule) |" + " — |" * 6)
       continue
     d, o = s["default"], s["memory_optimized"]
     out.append(
