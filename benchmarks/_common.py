@@ -267,6 +267,19 @@ def write_report(stem: str, data: Any, markdown: str | None) -> list[str]:
   return written
 
 
+def publish(stem: str, data: Any, markdown: str,
+            also: Iterable[str] = ()) -> list[str]:
+  """Writes the report, prints it, and says which files were written.
+
+  ``also``: other files the caller wrote next to it (e.g. a plot).
+  """
+  written = write_report(stem, data, markdown) + list(also)
+  log()
+  log(markdown)
+  log("wrote " + ", ".join(written))
+  return written
+
+
 # ----------------------------------------------------------------------------
 # Data.
 # ----------------------------------------------------------------------------

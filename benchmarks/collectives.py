@@ -298,16 +298,13 @@ def main(argv=None):
   args = parser.parse_args(argv)
   assert jax.device_count() == N_DEV, jax.devices()
   table = rows()
-  text = render(table)
-  print(text)
   data = {"machine": _common.machine(),
           "rows": [{"step": label, "params_per_device": n,
                     "collectives": found} for label, n, found in table]}
-  written = _common.write_report(
+  _common.publish(
       _common.output_stem(args, "collectives"), data,
       "# Collectives per SAM step\n\n"
-      "Written by `python benchmarks/collectives.py`.\n\n" + text)
-  _common.log(f"wrote {' and '.join(written)}")
+      "Written by `python benchmarks/collectives.py`.\n\n" + render(table))
 
 
 if __name__ == "__main__":

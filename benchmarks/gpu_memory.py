@@ -306,14 +306,11 @@ def main(argv=None):
                 f"({time.perf_counter() - t0:.0f} s)")
   elapsed = time.perf_counter() - start
   info["load_average_end"] = _common.load_average()
-  md = markdown(results, info, argv_used, elapsed)
-  written = _common.write_report(
+  _common.publish(
       stem, {"machine": info, "argv": argv_used, "elapsed_s": elapsed,
              "steps": steps, "batch_scale": args.batch_scale,
-             "results": results}, md)
-  _common.log("")
-  _common.log(md)
-  _common.log(f"wrote {' and '.join(written)}")
+             "results": results},
+      markdown(results, info, argv_used, elapsed))
   return results
 
 

@@ -326,18 +326,17 @@ def main(argv=None):
               "sizes": SIZES, "batch_size": BATCH_SIZE, "lr": LR,
               "momentum": MOMENTUM, "eta": ETA,
               "plan": [list(p) for p in PLAN]}
-  md = markdown(main_runs, sweep, argv_used, settings, elapsed)
-  written = _common.write_report(
+  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+  plot(main_runs, list(NOISE_LEVELS), stem + ".png")
+  _common.publish(
       stem, {"settings": settings, "argv": argv_used, "elapsed_s": elapsed,
              "seconds_per_method": timings,
              "results": {k: {str(p): v for p, v in r.items()}
                          for k, r in main_runs.items()},
              "sweep": [{"method": k[0], "rho": k[1], "runs": v[0.4]}
-                       for k, v in sweep.items()]}, md)
-  plot(main_runs, list(NOISE_LEVELS), stem + ".png")
-  log("")
-  log(md)
-  log(f"wrote {', '.join(written)} and {stem}.png ({elapsed:.0f} s)")
+                       for k, v in sweep.items()]},
+      markdown(main_runs, sweep, argv_used, settings, elapsed),
+      also=[stem + ".png"])
 
 
 if __name__ == "__main__":

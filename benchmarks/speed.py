@@ -285,7 +285,10 @@ def compile_model(spec, names, workers=2, both_schedules=True,
 
   def job(name, lowered):
     start = time.perf_counter()
-    if both_schedules and name in MEMORY_VARIANTS + ("sam_optax_lowmem",):
+    both = both_schedules and name in MEMORY_VARIANTS
+    log(f"  compiling {name}" + (" (default and memory-optimised schedules)"
+                                 if both else ""))
+    if both:
       chosen, report = sam_optax.compile_low_memory(lowered)
       out = {"schedules": report.compiled, "chosen": chosen,
              "kept": report.chosen}
@@ -309,9 +312,6 @@ def compile_model(spec, names, workers=2, both_schedules=True,
       log(f"  lowering {name}")
       futures[pool.submit(
           job, name, jax.jit(step).lower(params, stats, state, x, y))] = name
-    log(f"  compiling {len(futures)} steps on {max(1, workers)} threads"
-        + (" (base and SAM steps under both schedules)"
-           if both_schedules else ""))
     done = {}
     for future in as_completed(futures):
       name = futures[future]
@@ -681,11 +681,7 @@ def main(argv=None):
                        "rho_asam": RHO_ASAM, "eta": ETA, "rounds": rounds,
                        "sample_seconds": sample_s},
           "results": results}
-  md = markdown(results, info, argv_used, elapsed)
-  written = _common.write_report(stem, data, md)
-  _common.log("")
-  _common.log(md)
-  _common.log(f"wrote {' and '.join(written)} ({elapsed:.0f} s)")
+  _common.publish(stem, data, markdown(results, info, argv_used, elapsed))
   return results
 
 

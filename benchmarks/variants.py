@@ -167,13 +167,10 @@ def main(argv=None):
             f"{args.batch}, SGD + momentum 0.9 as the base, {args.rounds} "
             f"rounds of {n} steps per optimizer, interleaved "
             f"({elapsed:.0f} s).")
-  md = markdown(rows, info, argv_used, header)
-  written = _common.write_report(
+  _common.publish(
       stem, {"machine": info, "argv": argv_used, "elapsed_s": elapsed,
-             "steps_per_sample": n, "results": rows}, md)
-  _common.log("")
-  _common.log(md)
-  _common.log(f"wrote {' and '.join(written)}")
+             "steps_per_sample": n, "results": rows},
+      markdown(rows, info, argv_used, header))
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def compile_low_memory(
   Returns:
     ``(compiled, report)``: the kept ``jax.stages.Compiled``, called like
     the jitted ``fn`` with arguments of the same shapes, dtypes and
-    shardings, and a :class:`CompileReport`.
+    shardings (static arguments are baked in: leave them out, as for any
+    ``jax.stages.Compiled``), and a :class:`CompileReport`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
