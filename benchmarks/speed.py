@@ -505,9 +505,14 @@ def memory_table(results) -> list[str]:
     return []
   sam = "sam_optax" if any("sam_optax" in r["memory"] for r in rows) \
       else "hand_sam"
+  diffs = [abs(r["variants"]["hand_sam"]["temp_bytes"]
+               / max(r["variants"][sam]["temp_bytes"], 1) - 1)
+           for r in rows if "hand_sam" in r["variants"]]
+  same = (f" (hand_sam's temp differs from it by at most "
+          f"{100 * max(diffs):.1f}% on these models)"
+          if diffs and sam != "hand_sam" else "")
   out = [
-      f"SAM = `{sam}` (hand_sam's temp is within 0.1% of it on every "
-      "model: see the per-model tables). `def`: XLA's default schedule; "
+      f"SAM = `{sam}`{same}. `def`: XLA's default schedule; "
       "`mem`: XLA:CPU's memory-optimised schedule "
       "(`xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`). "
       "Temp and peak in MiB; peak = arguments + outputs + temp (nothing "
