@@ -58,6 +58,7 @@ schedule exists).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -412,8 +413,13 @@ def memory_summary(rows) -> dict[str, Any]:
 
 
 def bench_model(spec, rounds, sample_seconds, names=None, workers=2,
-                both_schedules=True, log=_common.log):
+                both_schedules=True, log=_common.log, batch_scale=1):
   """Compiles, times and compares the variants of one model."""
+  if batch_scale != 1:
+    spec = dataclasses.replace(
+        spec, batch_size=spec.batch_size * batch_scale,
+        description=f"{spec.description} x{batch_scale} = batch "
+        f"{spec.batch_size * batch_scale}")
   params, _ = spec.init()
   n_params = _models.num_params(params)
   param_bytes = tree_bytes(params)
@@ -642,6 +648,8 @@ def main(argv=None):
                       "(default: 0.05 quick, 0.1 full)")
   parser.add_argument("--compile-workers", type=int, default=2,
                       help="threads compiling the variants (default: 2)")
+  parser.add_argument("--batch-scale", type=int, default=1,
+                      help="multiply every model's batch size (default 1)")
   parser.add_argument("--default-schedule-only", action="store_true",
                       help="compile every step once, with XLA's default "
                       "schedule (faster; no memory-schedule table)")
@@ -677,7 +685,8 @@ def main(argv=None):
   start = time.perf_counter()
   results = [bench_model(_models.MODELS[m], rounds, sample_s, args.variants,
                          args.compile_workers,
-                         not args.default_schedule_only)
+                         not args.default_schedule_only,
+                         batch_scale=args.batch_scale)
              for m in models]
   elapsed = time.perf_counter() - start
   info["load_average_end"] = _common.load_average()
