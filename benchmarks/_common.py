@@ -22,6 +22,7 @@ Nothing here depends on the device.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -53,8 +54,15 @@ def log(msg: str = "") -> None:
 
 
 def looksam(base: optax.GradientTransformation, period: int, **kwargs):
-  """``sam_optax.looksam`` with a SAM gradient every ``period`` updates."""
-  return sam_optax.looksam(base, k=period, **kwargs)
+  """``sam_optax.looksam`` with a SAM gradient every ``period`` updates.
+
+  The period's keyword is ``every_k`` from the core refactor on and ``k``
+  before it; once both branches are merged this is
+  ``sam_optax.looksam(base, every_k=period, **kwargs)``.
+  """
+  params = inspect.signature(sam_optax.looksam).parameters
+  key = "every_k" if "every_k" in params else "k"
+  return sam_optax.looksam(base, **{key: period}, **kwargs)
 
 
 # ----------------------------------------------------------------------------
