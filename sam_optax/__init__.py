@@ -5,7 +5,10 @@
 """
 
 from sam_optax import diagnostics
+from sam_optax._friendly_sam import FriendlySAMState, friendly_sam
 from sam_optax._gradient import SAMInfo, sam_gradient, split_microbatches
+from sam_optax._gsam import gsam, gsam_rho_schedule
+from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._masks import (
     PathMask,
     exclude_biases,
@@ -13,16 +16,9 @@ from sam_optax._masks import (
     path_mask,
 )
 from sam_optax._perturbation import Perturbation, ascent_direction
-from sam_optax._sam import SAMState, sam
+from sam_optax._sam import sam
 from sam_optax._sharding import mark_varying
-from sam_optax._variants import (
-    FriendlySAMState,
-    LookSAMState,
-    friendly_sam,
-    gsam,
-    gsam_rho_schedule,
-    looksam,
-)
+from sam_optax._skeleton import SAMState
 
 __version__ = "0.1.0"
 

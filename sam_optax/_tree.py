@@ -53,9 +53,15 @@ def vdot(a: Any, b: Any) -> jax.Array:
 
 
 def norm(tree: Any) -> jax.Array:
-  """‖tree‖₂ over the float leaves, in :func:`accumulation_dtype`."""
+  """‖tree‖₂ over the float leaves, in :func:`accumulation_dtype`.
+
+  Differentiable everywhere: at 0 its derivative is 0, not NaN.
+  """
   dtype = accumulation_dtype(tree)
-  return jnp.asarray(optax.tree.norm(to_compute(float_leaves(tree))), dtype)
+  squared = jnp.asarray(
+      optax.tree.norm(to_compute(float_leaves(tree)), squared=True), dtype)
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1)), 0)
 
 
 def safe_div(num: Any, den: Any) -> jax.Array:

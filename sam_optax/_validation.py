@@ -1,4 +1,4 @@
-"""Argument checks and small plumbing shared by ``sam`` and its variants."""
+"""Argument checks shared by ``sam`` and its variants."""
 
 from __future__ import annotations
 
@@ -24,6 +24,27 @@ def check_non_negative(name: str, value: Any) -> None:
   raise TypeError(
       f"`{name}` must be a number, a scalar array or (for rho) a schedule; "
       f"got {type(value).__name__}.")
+
+
+def check_fraction(name: str, value: Any) -> None:
+  """Validates a concrete number in [0, 1] (tracers pass; no schedules)."""
+  if callable(value):
+    raise TypeError(f"`{name}` must be a number, not a schedule.")
+  check_non_negative(name, value)
+  if not isinstance(value, jax.core.Tracer) and not np.asarray(value) <= 1:
+    raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  """Validates a concrete positive integer (tracers pass)."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Integral, np.integer, np.ndarray, jax.Array)):
+    raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
+  arr = np.asarray(value)
+  if arr.shape != () or not np.issubdtype(arr.dtype, np.integer) or arr < 1:
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
 
 def check_bools(**flags: Any) -> None:
@@ -54,13 +75,3 @@ def check_call(name: str, grad_fn: Any, params: Any) -> None:
   if params is None:
     raise ValueError(f"{name} needs the params: tx.update(grads, state, "
                      "params, grad_fn=...).")
-
-
-def rho_at(rho: optax.ScalarOrSchedule, count: jax.Array,
-           base_state: Any) -> Any:
-  """ρ at the number of base-optimizer steps (outer steps of MultiSteps)."""
-  if not callable(rho):
-    return rho
-  if isinstance(base_state, optax.MultiStepsState):
-    return rho(base_state.gradient_step)
-  return rho(count)
