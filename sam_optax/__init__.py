@@ -5,6 +5,7 @@
 """
 
 from sam_optax import diagnostics
+from sam_optax._eval_params import eval_params
 from sam_optax._friendly_sam import FriendlySAMState, friendly_sam
 from sam_optax._gradient import SAMInfo, sam_gradient, split_microbatches
 from sam_optax._gsam import gsam, gsam_rho_schedule
@@ -31,6 +32,7 @@ __all__ = (
     "SAMState",
     "ascent_direction",
     "diagnostics",
+    "eval_params",
     "exclude_biases",
     "friendly_sam",
     "gsam",

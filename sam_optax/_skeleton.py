@@ -141,6 +141,8 @@ class Step(NamedTuple):
 # rule(step, method_state) -> (gradient, new_method_state, info): the gradient
 # for the base optimizer and the info, both averaged over the devices.
 Rule = Callable[[Step, Any], tuple[Any, Any, _gradient.SAMInfo]]
+# finish(step, updates, base_state, method_state) -> (updates, method_state).
+Finish = Callable[[Step, Any, Any, Any], tuple[Any, Any]]
 
 
 def rho_at(rho: optax.ScalarOrSchedule, count: jax.Array,
@@ -174,11 +176,12 @@ def _unpack(out: Any, has_aux: bool, value_and_grad: bool
 
 
 def variant(name: str, base_tx: Any, rule: Rule,
-            rho: optax.ScalarOrSchedule, options: dict[str, Any], *,
-            init_method_state: Callable[[Any], Any] = lambda params: None
-            ) -> optax.GradientTransformationExtraArgs:
+            rho: optax.ScalarOrSchedule, options: dict[str, Any],
+            **skeleton_args: Any) -> optax.GradientTransformationExtraArgs:
   """:func:`transformation` for a method that takes ``sam``'s options as
-  keyword arguments (``options``), with a clear error for unknown ones."""
+  keyword arguments (``options``), with a clear error for unknown ones.
+  ``skeleton_args`` go to :func:`transformation` (``init_method_state``,
+  ``needs_grad_fn``, ``finish``)."""
   unknown = sorted(set(options) - set(COMMON_OPTIONS))
   if unknown:
     raise TypeError(
@@ -190,8 +193,7 @@ def variant(name: str, base_tx: Any, rule: Rule,
       _gradient.AscentOptions(
           **{k: options[k] for k in _gradient.AscentOptions._fields}),
       axis_name=options["axis_name"], has_aux=options["has_aux"],
-      value_and_grad=options["value_and_grad"],
-      init_method_state=init_method_state)
+      value_and_grad=options["value_and_grad"], **skeleton_args)
 
 
 def _scalar_mean(x: Any, axis_name: Any) -> jax.Array:
@@ -239,6 +241,8 @@ def transformation(
     init_method_state: Callable[[Any], Any] = lambda params: None,
     microbatched: bool = False,
     local_grads: bool = True,
+    needs_grad_fn: bool = True,
+    finish: Finish | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a SAM-family transformation around ``rule``.
 
@@ -258,6 +262,14 @@ def transformation(
       micro-batch axis.
     local_grads: under ``axis_name``, reject gradients already reduced over
       the axis (``False`` when the rule averages them itself).
+    needs_grad_fn: ``False`` for one-gradient methods, whose train step is a
+      plain Optax step: ``grad_fn`` is then optional and ``step.grad_fn`` is
+      whatever the caller passed (possibly ``None``).
+    finish: ``finish(step, updates, base_state, method_state) -> (updates,
+      method_state)``, run after the base optimizer's update: e.g. to move
+      the held params to the next perturbed point (MSAM). Methods whose held
+      params are not the clean ones also register how to undo that with
+      :func:`sam_optax._eval_params.register`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -284,7 +296,8 @@ def transformation(
         perturbed_loss=loss, sharpness=loss)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    _validation.check_call(name, grad_fn, params)
+    if needs_grad_fn or params is None:
+      _validation.check_call(name, grad_fn, params)
     what = f"The gradient passed to {name}"
     leading = ()
     if microbatched and jax.tree.leaves(updates):
@@ -298,7 +311,8 @@ def transformation(
         grads=grads, params=params,
         rho=rho_at(rho, state.step_count, state.base_state),
         step_count=state.step_count,
-        grad_fn=lambda p: _unpack(grad_fn(p), has_aux, value_and_grad),
+        grad_fn=(None if grad_fn is None else
+                 lambda p: _unpack(grad_fn(p), has_aux, value_and_grad)),
         options=options, axis_name=axis_name, value_and_grad=value_and_grad)
     gradient, method_state, info = rule(step, state.method_state)
     perturbed_loss = sharpness = None
@@ -312,6 +326,9 @@ def transformation(
                             template)
     new_updates, base_state = base_tx.update(
         gradient, state.base_state, params, **extra_args)
+    if finish is not None:
+      new_updates, method_state = finish(step, new_updates, base_state,
+                                         method_state)
     return new_updates, SAMState(
         step_count=optax.safe_increment(state.step_count),
         base_state=base_state, method_state=method_state,
