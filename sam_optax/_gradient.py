@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sam_optax import _masks, _perturbation, _sharding
+from sam_optax import _masks, _perturbation, _sharding, _tree
 
 
 class AscentOptions(NamedTuple):
@@ -63,8 +63,11 @@ def conform_to_params(tree: Any, params: Any, what: str,
   optimizer holds plain arrays).
 
   Raises:
-    ValueError: if the leaves, their paths or their shapes differ.
+    ValueError: if the leaves, their paths, shapes or kinds differ (a float
+      param needs a float gradient), or the params are of a kind SAM cannot
+      perturb (complex leaves, ``optax.masked`` placeholders).
   """
+  _check_params(params)
   param_def = jax.tree.structure(params)
   leaves, treedef = jax.tree.flatten(tree)
   if treedef != param_def:
@@ -78,13 +81,41 @@ def conform_to_params(tree: Any, params: Any, what: str,
           f"leaves {param_paths} (structures {treedef} and {param_def}).")
   for (path, param), leaf in zip(
       jax.tree_util.tree_flatten_with_path(params)[0], leaves):
+    where = _masks.path_str(path) or "the root"
     expected = tuple(leading) + tuple(jnp.shape(param))
     if tuple(jnp.shape(leaf)) != expected:
       raise ValueError(
-          f"{what} has shape {jnp.shape(leaf)} at "
-          f"{_masks.path_str(path) or 'the root'!r} where {expected} was "
-          "expected.")
+          f"{what} has shape {jnp.shape(leaf)} at {where!r} where "
+          f"{expected} was expected.")
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+    if dtype == jax.dtypes.float0:
+      raise ValueError(
+          f"{what} has a float0 leaf at {where!r} (jax.grad(...,"
+          " allow_int=True) of an integer param): optimizers update float "
+          "params only; keep integer leaves out of the optimized params.")
+    if _tree.is_float(param) and not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"{what} has dtype {dtype} at {where!r}, where the param is "
+          f"{jnp.result_type(param)}: a gradient must be floating point.")
   return jax.tree.unflatten(param_def, leaves)
+
+
+def _check_params(params: Any) -> None:
+  """Rejects params SAM cannot perturb correctly, naming what to do."""
+  if any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+    raise ValueError(
+        "The params hold optax.MaskedNode placeholders: SAM is inside "
+        "optax.masked or one branch of optax.multi_transform, so grad_fn "
+        "would be called without the other params. Put SAM outside instead "
+        "(sam(optax.multi_transform(...))) and choose the perturbed leaves "
+        "with sam(..., mask=...).")
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.iscomplexobj(leaf):
+      raise ValueError(
+          f"Complex params are not supported (leaf "
+          f"{_masks.path_str(path) or 'the root'!r}): split them into real "
+          "and imaginary parts.")
 
 
 def _achieved_norm(perturbed: Any, params: Any,

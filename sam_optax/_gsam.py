@@ -165,7 +165,10 @@ def gsam(
     g_sam, info = step.local_sam_gradient()
     g_sam = _tree.to_compute(g_sam)
     g_perp = _tree.orthogonal_part(_tree.to_compute(step.grads), g_sam)
-    g_gsam = _tree.add_scale(g_sam, -jnp.asarray(alpha, jnp.float32), g_perp)
+    # At ρ = 0, g_perp is rounding noise: drop it so that GSAM is exactly
+    # the base optimizer there, as every method is.
+    alpha_t = jnp.where(step.rho > 0, jnp.asarray(alpha, jnp.float32), 0.0)
+    g_gsam = _tree.add_scale(g_sam, -alpha_t, g_perp)
     g_gsam, info = step.pmean_with_info(g_gsam, info)
     return g_gsam, method_state, info
 

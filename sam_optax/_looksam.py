@@ -118,6 +118,9 @@ def looksam(
       g_s, info = step.sam_gradient()
       g_s = _tree.to_compute(g_s)
       g_v = _tree.orthogonal_part(g_s, step.pmean(g))
+      # At ρ = 0, g_v is rounding noise that the reuse steps would rescale
+      # to α‖g‖: cache 0 instead, so that LookSAM is the base optimizer.
+      g_v = _tree.add_scale(optax.tree.zeros_like(g_v), step.rho > 0, g_v)
       g_v = optax.tree.cast_like(g_v, method_state.orthogonal_grad)
       return g_s, LookSAMState(g_v), info
 

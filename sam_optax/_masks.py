@@ -148,9 +148,22 @@ def mask_tree(mask: Any, params: Any, name: str = "mask") -> Any:
         f"`{name}` resolved to {len(entries)} entries for "
         f"{treedef.num_leaves} param leaves; use booleans (not None) as mask "
         "leaves.")
-  for entry in entries:
-    if not isinstance(entry, bool) and jnp.asarray(entry).dtype != jnp.bool_:
+  for (path, leaf), entry in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], entries):
+    if isinstance(entry, bool):
+      continue
+    if jnp.asarray(entry).dtype != jnp.bool_:
       raise ValueError(
           f"`{name}` leaves must be booleans, got {entry!r} "
-          f"({type(entry).__name__}).")
+          f"({type(entry).__name__}) at {path_str(path)!r}.")
+    shape, target = jnp.shape(entry), jnp.shape(leaf)
+    try:
+      fits = jnp.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(
+          f"`{name}` has a boolean array of shape {shape} at "
+          f"{path_str(path)!r}, which does not broadcast to the param's "
+          f"shape {target}.")
   return jax.tree.unflatten(treedef, entries)

@@ -68,7 +68,10 @@ def ascent_direction(
   The norm is global, over every leaf that ``mask`` selects; masked-out leaves
   get ε = 0 and do not enter the norm. With ``adaptive=True``, leaves that
   ``adaptive_mask`` leaves out use ``T = 1``. Non-float leaves are never
-  perturbed. A zero gradient gives ε = 0 exactly.
+  perturbed. A zero gradient gives ε = 0 exactly; a gradient whose norm is
+  not finite (it holds inf or NaN, or its squares overflow the float32 sum)
+  gives ε = NaN, so that the fault shows and a guard such as
+  ``sam(optax.apply_if_finite(base, ...))`` skips the step.
 
   Args:
     grads: the gradient at ``params`` (a pytree like ``params``).
@@ -125,6 +128,10 @@ def ascent_direction(
       jnp.asarray(rho).astype(dtype),
       ascent_norm + jnp.asarray(eps).astype(dtype))
   factor = jnp.where(ascent_norm > 0, factor, 0)
+  # An infinite norm (an inf gradient, or finite ones whose squares overflow,
+  # e.g. a bf16 gradient of 1e20) would give ε = 0: SAM silently off. Make
+  # it a NaN instead, which sam(optax.apply_if_finite(base)) skips and counts.
+  factor = jnp.where(jnp.isfinite(ascent_norm), factor, jnp.nan)
   epsilon = jax.tree.map(lambda d: factor.astype(d.dtype) * d, direction)
   radius = factor * ascent_norm
   grad_norm = norm = None

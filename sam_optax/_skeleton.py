@@ -18,6 +18,7 @@ the same for every method, as ``optax.MultiSteps`` owns its inner state:
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -145,14 +146,31 @@ Rule = Callable[[Step, Any], tuple[Any, Any, _gradient.SAMInfo]]
 Finish = Callable[[Step, Any, Any, Any], tuple[Any, Any]]
 
 
+def applied_steps(count: jax.Array, base_state: Any) -> jax.Array:
+  """The number of base-optimizer steps: ``count``, or the outer (gradient)
+  steps of an ``optax.MultiSteps`` (also inside ``optax.apply_if_finite``,
+  whose skipped steps do not advance ``count``)."""
+  if isinstance(base_state, optax.ApplyIfFiniteState):
+    return applied_steps(count, base_state.inner_state)
+  if isinstance(base_state, optax.MultiStepsState):
+    return base_state.gradient_step
+  return count
+
+
 def rho_at(rho: optax.ScalarOrSchedule, count: jax.Array,
            base_state: Any) -> Any:
-  """ρ at the number of base-optimizer steps (outer steps of MultiSteps)."""
-  if not callable(rho):
-    return rho
-  if isinstance(base_state, optax.MultiStepsState):
-    return rho(base_state.gradient_step)
-  return rho(count)
+  """ρ at the number of base-optimizer steps, clipped at 0.
+
+  A schedule is evaluated at :func:`applied_steps`. A ρ that is not a
+  Python number (a schedule's value, or one set under
+  ``inject_hyperparams``) is clipped at 0, as Optax's schedules clamp: a
+  negative ρ would turn the ascent into a descent.
+  """
+  if callable(rho):
+    rho = rho(applied_steps(count, base_state))
+  if isinstance(rho, numbers.Number):
+    return rho  # Validated >= 0 when the transformation was built.
+  return jnp.maximum(rho, 0)
 
 
 def _unpack(out: Any, has_aux: bool, value_and_grad: bool
@@ -276,8 +294,8 @@ def transformation(
     :class:`SAMState`.
   """
   base_tx = _validation.check_base(base_tx)
-  for arg, value in (("rho", rho), ("eta", options.eta),
-                     ("eps", options.eps)):
+  _validation.check_non_negative("rho", rho, schedule=True)
+  for arg, value in (("eta", options.eta), ("eps", options.eps)):
     _validation.check_non_negative(arg, value)
   _validation.check_bools(
       adaptive=options.adaptive, has_aux=has_aux,
@@ -329,11 +347,21 @@ def transformation(
     if finish is not None:
       new_updates, method_state = finish(step, new_updates, base_state,
                                          method_state)
-    return new_updates, SAMState(
+    new_state = SAMState(
         step_count=optax.safe_increment(state.step_count),
         base_state=base_state, method_state=method_state,
         ascent_norm=info.ascent_norm, radius=info.radius,
         grad_norm=info.grad_norm, perturbation_norm=info.perturbation_norm,
         perturbed_loss=perturbed_loss, sharpness=sharpness)
+    if isinstance(base_state, optax.ApplyIfFiniteState):
+      # sam(apply_if_finite(base)) skipped a non-finite gradient (from either
+      # pass): the whole step is undone, not just the base optimizer's part.
+      skipped = jnp.logical_not(base_state.last_finite)
+      new_state = optax.tree.where(
+          skipped, state._replace(base_state=base_state), new_state)
+      if finish is not None:
+        new_updates = optax.tree.where(
+            skipped, optax.tree.zeros_like(new_updates), new_updates)
+    return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

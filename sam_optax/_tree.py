@@ -52,16 +52,24 @@ def vdot(a: Any, b: Any) -> jax.Array:
   return jnp.asarray(optax.tree.vdot(a, b), dtype)
 
 
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+  """√x with derivative 0 (not NaN) at x = 0."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
 def norm(tree: Any) -> jax.Array:
   """‖tree‖₂ over the float leaves, in :func:`accumulation_dtype`.
 
-  Differentiable everywhere: at 0 its derivative is 0, not NaN.
+  Differentiable everywhere (derivative 0 at a zero tree). The sum of squares
+  is accumulated in that dtype, so it overflows (gives inf) when ‖tree‖
+  exceeds about 1.8e19 in float32: callers that divide by it must treat inf
+  as a fault, not as a large number (see :func:`sam_optax.ascent_direction`).
   """
   dtype = accumulation_dtype(tree)
   squared = jnp.asarray(
       optax.tree.norm(to_compute(float_leaves(tree)), squared=True), dtype)
-  positive = squared > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1)), 0)
+  return _safe_sqrt(squared)
 
 
 def safe_div(num: Any, den: Any) -> jax.Array:

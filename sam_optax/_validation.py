@@ -10,16 +10,38 @@ import numpy as np
 import optax
 
 
-def check_non_negative(name: str, value: Any) -> None:
-  """Validates a hyperparameter if it is concrete (never a tracer)."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
+def check_non_negative(name: str, value: Any, *, schedule: bool = False
+                       ) -> None:
+  """Validates a hyperparameter if it is concrete (never a tracer).
+
+  It must be a real, finite scalar >= 0. With ``schedule=True`` (ρ) it may
+  also be an Optax schedule ``value(step_count)``: it is called at step 0
+  and its value checked the same way.
+  """
+  if isinstance(value, jax.core.Tracer):
     return
+  if callable(value):
+    if not schedule:
+      raise TypeError(
+          f"`{name}` must be a number, not a callable (only rho takes a "
+          f"schedule); got {value!r}.")
+    try:
+      value = value(0)
+    except TypeError as e:
+      raise TypeError(
+          f"`{name}` is callable but not a schedule `{name}(step_count)`: "
+          f"{name}(0) failed with: {e}") from e
+    if isinstance(value, jax.core.Tracer):
+      return
+    name = f"{name}(0)"
   if isinstance(value, (numbers.Number, np.ndarray, np.generic, jax.Array)):
     arr = np.asarray(value)
     if not np.issubdtype(arr.dtype, np.number) or arr.shape != ():
-      raise ValueError(f"`{name}` must be a scalar, got {value!r}.")
-    if not arr >= 0:  # Also rejects NaN.
-      raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+      raise ValueError(f"`{name}` must be a real scalar, got {value!r}.")
+    if np.iscomplexobj(arr):
+      raise ValueError(f"`{name}` must be real, got {value!r}.")
+    if not (np.isfinite(arr) and arr >= 0):  # Also rejects NaN.
+      raise ValueError(f"`{name}` must be finite and >= 0, got {value!r}.")
     return
   raise TypeError(
       f"`{name}` must be a number, a scalar array or (for rho) a schedule; "

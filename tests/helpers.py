@@ -87,3 +87,20 @@ def run_steps(tx, params, num_steps, grad=None, grad_fn=None, **kwargs):
   assert jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)),
                       state) == layout
   return params, states
+
+
+def nonlinear_problem(seed=0):
+  """Params (three leaves) and the gradient of a non-quadratic loss.
+
+  Unlike the quadratic, its gradients carry rounding noise in every
+  direction, so exact (bit-for-bit) comparisons can tell noise apart.
+  """
+  shapes = [(7, 5), (13,), (3, 3, 2)]
+  params = random_tree(seed, shapes)
+  coefs = random_tree(seed + 10, shapes)
+
+  def loss(p):
+    return sum(jnp.sum(jnp.sin(w * c) ** 2)
+               for w, c in zip(jax.tree.leaves(p), jax.tree.leaves(coefs)))
+
+  return params, jax.grad(loss)

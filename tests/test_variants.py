@@ -517,3 +517,18 @@ def test_value_and_grad_logs_perturbed_loss_and_sharpness(name):
     assert np.isnan(state.perturbed_loss) and np.isnan(state.sharpness)
   else:  # F-SAM's second ascent need not raise the loss: only finite.
     assert np.isfinite(state.perturbed_loss) and np.isfinite(state.sharpness)
+
+
+@pytest.mark.parametrize("name", ["sam", "asam", *VARIANTS])
+def test_rho_zero_is_the_base_optimizer_bit_for_bit(name):
+  # LookSAM's cached g_v and GSAM's g_perp are rounding noise at ρ = 0; they
+  # must not leak into the update (LookSAM rescales g_v to α‖g‖).
+  factory = {"sam": sam_optax.sam,
+             "asam": functools.partial(sam_optax.sam, adaptive=True),
+             **VARIANTS}[name]
+  base = optax.sgd(LR, momentum=0.9)
+  params, grad = helpers.nonlinear_problem()
+  via_method, _ = helpers.run_steps(factory(base, rho=0.0), params, 6,
+                                    grad=grad)
+  expected, _ = helpers.run_steps(base, params, 6, grad=grad)
+  chex.assert_trees_all_equal(via_method, expected)
