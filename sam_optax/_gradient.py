@@ -54,7 +54,7 @@ class SAMInfo(NamedTuple):
   aux: Any
 
 
-def conform_to_params(tree: Any, params: Any, what: str,
+def conform_to_params(tree: Any, params: Any, tree_name: str,
                       leading: tuple[int, ...] = ()) -> Any:
   """Checks that ``tree`` matches ``params`` and returns it in their structure.
 
@@ -77,25 +77,26 @@ def conform_to_params(tree: Any, params: Any, what: str,
                    jax.tree_util.tree_flatten_with_path(params)[0]]
     if paths != param_paths:
       raise ValueError(
-          f"{what} does not match the params: got leaves {paths} for params "
-          f"leaves {param_paths} (structures {treedef} and {param_def}).")
+          f"{tree_name} does not match the params: got leaves {paths} for "
+          f"params leaves {param_paths} (structures {treedef} and "
+          f"{param_def}).")
   for (path, param), leaf in zip(
       jax.tree_util.tree_flatten_with_path(params)[0], leaves):
     where = _masks.path_str(path) or "the root"
     expected = tuple(leading) + tuple(jnp.shape(param))
     if tuple(jnp.shape(leaf)) != expected:
       raise ValueError(
-          f"{what} has shape {jnp.shape(leaf)} at {where!r} where "
+          f"{tree_name} has shape {jnp.shape(leaf)} at {where!r} where "
           f"{expected} was expected.")
     dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
     if dtype == jax.dtypes.float0:
       raise ValueError(
-          f"{what} has a float0 leaf at {where!r} (jax.grad(...,"
+          f"{tree_name} has a float0 leaf at {where!r} (jax.grad(...,"
           " allow_int=True) of an integer param): optimizers update float "
           "params only; keep integer leaves out of the optimized params.")
     if _tree.is_float(param) and not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
-          f"{what} has dtype {dtype} at {where!r}, where the param is "
+          f"{tree_name} has dtype {dtype} at {where!r}, where the param is "
           f"{jnp.result_type(param)}: a gradient must be floating point.")
   return jax.tree.unflatten(param_def, leaves)
 

@@ -316,15 +316,15 @@ def transformation(
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     if needs_grad_fn or params is None:
       _validation.check_call(name, grad_fn, params)
-    what = f"The gradient passed to {name}"
+    tree_name = f"The gradient passed to {name}"
     leading = ()
     if microbatched and jax.tree.leaves(updates):
       leading = jax.tree.leaves(updates)[0].shape[:1]
-    grads = _gradient.conform_to_params(updates, params, what, leading)
+    grads = _gradient.conform_to_params(updates, params, tree_name, leading)
     if axis_name is not None:
       _sharding.check_axis_bound(axis_name)
       if local_grads:
-        _sharding.check_local(grads, axis_name, what)
+        _sharding.check_local(grads, axis_name, tree_name)
     step = Step(
         grads=grads, params=params,
         rho=rho_at(rho, state.step_count, state.base_state),
