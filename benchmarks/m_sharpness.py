@@ -66,7 +66,7 @@ BATCH = 128
 LR, MOMENTUM = 0.05, 0.9
 NOISE = 0.4
 DIGITS_M = (1, 4, 16, 64, 128)
-DIGITS_RHOS = (0.05, 0.2, 0.5)
+DIGITS_RHOS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 # (b) Sparse regression.
 N, D, R = 20, 30, 3
 ALPHA = 0.1
@@ -264,7 +264,9 @@ def select_by_validation(rows, key, better):
   chosen = by_rho[rho]
   metrics = [k for k in chosen[0] if k not in ("rho", "seed")]
   return {"rho": rho, **{k: mean_std([r[k] for r in chosen])
-                         for k in metrics}}
+                         for k in metrics},
+          f"{key}_by_rho": {str(r): mean_std([x[key] for x in by_rho[r]])
+                           for r in by_rho}}
 
 
 def pm(value, scale=1.0, digits=1):
@@ -297,6 +299,15 @@ def markdown(config, digits, dln, dln_curves, seconds):
         f"{pm(r['test_acc'], 100)} | {pm(r['val_acc_noisy'], 100)} | "
         f"{pm(r['train_acc_noisy'], 100)} | {pm(r['train_loss'], 1, 3)} | "
         f"{pm(r['lambda_max'], 1, 2)} |")
+  rhos = config["digits_rhos"]
+  lines += ["", "Noisy-validation accuracy (%) at every rho (the choice "
+            "above; the test set is not looked at):", "",
+            "| m | " + " | ".join(f"rho={r}" for r in rhos) + " |",
+            "|---|" + "---|" * len(rhos)]
+  for name, r in digits.items():
+    if name != "erm":
+      lines.append(f"| {name} | " + " | ".join(
+          pm(r["val_acc_noisy_by_rho"][str(x)], 100) for x in rhos) + " |")
   lines += [
       "",
       "## (b) Sparse regression, diagonal linear network",
