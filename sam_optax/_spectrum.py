@@ -117,6 +117,8 @@ class HessianSpectrum(NamedTuple):
     residuals: :math:`\\|H u_i - \\theta_i u_i\\|`, the residual norm of
       each Ritz pair (from the recurrence, without an extra product), shape
       ``(k,)``: an eigenvalue of H lies within it of :math:`\\theta_i`.
+      It assumes exact arithmetic: once it is below the rounding level
+      (about ``eps * |eigenvalues[0]|``), read it as that level.
   """
 
   eigenvalues: jax.Array  # shape=(k,), dtype=jnp.float32
