@@ -43,7 +43,6 @@ Results (``hessian_spectrum.{json,md,png}``) go to
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -207,16 +206,12 @@ def plot(path, spectra):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="1 seed, 20 epochs (about 1 min)")
-  parser.add_argument("--seeds", type=int, default=None)
+  parser = _output.make_parser(__doc__, "1 seed, 20 epochs (about 1 min)")
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--variants", action="store_true",
                       help="also GSAM, LookSAM and Friendly-SAM (rho 0.1)")
-  _output.add_arguments(parser)
   args = parser.parse_args()
-  seeds = list(range(1 if args.quick else (args.seeds or 3)))
+  seeds = _output.seeds(args)
   epochs = args.epochs or (20 if args.quick else 40)
   splits = _digits.load_splits()
   x_train, y_train = (jnp.asarray(a) for a in splits["train"])

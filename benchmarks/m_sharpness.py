@@ -42,7 +42,6 @@ Results (``m_sharpness.{json,md,png}``) go to ``benchmarks/results/local/``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -372,13 +371,9 @@ def plot(path, digits, dln_curves, rhos):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="1 seed, fewer epochs and rhos (about 1 min)")
-  parser.add_argument("--seeds", type=int, default=None)
-  _output.add_arguments(parser)
-  args = parser.parse_args()
-  seeds = list(range(1 if args.quick else (args.seeds or 3)))
+  args = _output.make_parser(
+      __doc__, "1 seed, fewer epochs and rhos (about 1 min)").parse_args()
+  seeds = _output.seeds(args)
   epochs = 30 if args.quick else 60
   steps = 4000 if args.quick else 20000
   digits_rhos = (0.1, 0.5) if args.quick else DIGITS_RHOS
