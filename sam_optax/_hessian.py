@@ -60,7 +60,13 @@ def hessian_vector_product(loss_fn: LossFn, params: Any, vector: Any, *,
   """
   if axis_name is None:
     return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
-  _sharding.check_axis_bound(axis_name)
+  try:
+    lax.axis_size(axis_name)
+  except NameError as e:
+    raise ValueError(
+        f"axis_name={axis_name!r}: the Hessian diagnostics were called "
+        "outside a jax.pmap or jax.shard_map that binds this axis. Call them "
+        "inside the mapped function, or pass axis_name=None.") from e
   params, vector = _sharding.mark_varying((params, vector), axis_name)
   hv = jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
   return lax.pmean(hv, axis_name)

@@ -280,3 +280,28 @@ def test_spectral_density_on_a_pytree_resolves_two_clusters():
   dt = float(density.grid[1] - density.grid[0])
   low = float(jnp.sum(jnp.where(density.grid < 5, density.density, 0)) * dt)
   np.testing.assert_allclose(low, 0.8, atol=0.1)
+
+
+def test_low_precision_leaves_keep_their_dtype():
+  # A bf16 leaf next to a float32 one: the Lanczos vectors are float32, the
+  # tangents and the returned eigenvectors have each leaf's dtype.
+  h = jnp.array([4.0, 2.0, 1.0, 0.5, -1.0, 0.1])
+
+  def loss(p):
+    w = jnp.concatenate([p["a"].astype(jnp.float32), p["b"]])
+    return 0.5 * jnp.sum(h * w ** 2)
+
+  params = {"a": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(3, jnp.float32)}
+  spec = diagnostics.top_hessian_eigenvalues(loss, params, k=3,
+                                             key=jax.random.key(0))
+  assert spec.eigenvalues.dtype == jnp.float32
+  np.testing.assert_allclose(spec.eigenvalues, [4.0, 2.0, 1.0], rtol=1e-2)
+  assert spec.eigenvectors["a"].dtype == jnp.bfloat16
+  assert spec.eigenvectors["b"].dtype == jnp.float32
+
+
+def test_axis_name_outside_a_map_is_a_clear_error():
+  with pytest.raises(ValueError, match="outside a jax.pmap"):
+    diagnostics.top_hessian_eigenvalues(
+        quadratic, make_params(), k=2, key=jax.random.key(0),
+        axis_name="batch")
