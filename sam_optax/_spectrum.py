@@ -77,12 +77,14 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], start: jax.Array,
     w = hv - alpha * v - beta_previous * previous
     w = _reorthogonalise(w, basis)
     beta = jnp.linalg.norm(w)
-    fresh = jax.random.normal(jax.random.fold_in(key, j), (size,), dtype)
-    fresh = _reorthogonalise(fresh, basis)
+
+    def restart():
+      fresh = jax.random.normal(jax.random.fold_in(key, j), (size,), dtype)
+      fresh = _reorthogonalise(fresh, basis)
+      return _tree.safe_div(fresh, jnp.linalg.norm(fresh))
+
     breakdown = beta <= tol * jnp.linalg.norm(hv)
-    following = jnp.where(breakdown,
-                          _tree.safe_div(fresh, jnp.linalg.norm(fresh)),
-                          _tree.safe_div(w, beta))
+    following = lax.cond(breakdown, restart, lambda: _tree.safe_div(w, beta))
     return (basis.at[j + 1].set(following), alphas.at[j].set(alpha),
             betas.at[j].set(jnp.where(breakdown, 0, beta)))
 
@@ -129,8 +131,8 @@ class HessianSpectrum(NamedTuple):
 def _top_eigenvalues_impl(loss_fn, params, key, *, k, num_iters, axis_name):
   """The body of :func:`top_hessian_eigenvalues`."""
   hessian = _hessian.flat_hessian(loss_fn, params, axis_name)
-  num_iters = min(hessian.size, max(3 * k, 20)) if num_iters is None else (
-      num_iters)
+  if num_iters is None:
+    num_iters = min(hessian.size, max(3 * k, 20))
   _check_sizes(hessian.size, num_iters, k)
   start_key, restart_key = jax.random.split(key)
   start = _hessian.unit_normal(start_key, hessian.size, hessian.dtype)
