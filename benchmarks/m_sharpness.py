@@ -25,15 +25,16 @@ its own gradient, and the SAM gradients are averaged.
     partial), full-batch GD. 1-SAM, m in {2, 5, 10}, n-SAM (m = 20) and ERM
     over a grid of rho; the test loss is the exact population loss
     ||beta - beta*||^2 (x ~ N(0, I)); rho per m is chosen on a validation
-    set of 100 fresh examples.
+    set of 100 fresh examples. Also reported: lambda_max and the trace of
+    the Hessian of the final training loss (full-rank Lanczos: exact).
 
 Seeds change the init, the noise and the batch order (digits) or the data
 and the ground truth (regression); tables give mean +- std over seeds.
 
 Run (from the repository root; needs scikit-learn and matplotlib)::
 
-  python benchmarks/m_sharpness.py --quick   # ~1 min, 1 seed, small grids
-  python benchmarks/m_sharpness.py           # a few minutes on 2 CPU cores
+  python benchmarks/m_sharpness.py --quick   # 1-2 min, 1 seed, small grids
+  python benchmarks/m_sharpness.py           # 2-4 min on 2 CPU cores
   python benchmarks/m_sharpness.py --write   # rewrite benchmarks/results/
 
 Results (``m_sharpness.{json,md,png}``) go to ``benchmarks/results/local/``
@@ -215,7 +216,13 @@ def make_dln_run(m, steps):
     params, _ = jax.lax.scan(step, (params, tx.init(params)), None,
                              length=steps)[0]
     beta = dln_beta(params)
-    return {"test_loss": jnp.sum((beta - beta_star) ** 2),
+    # Full-rank Lanczos (2d parameters): all the eigenvalues, so the trace.
+    spectrum = diagnostics.top_hessian_eigenvalues(
+        lambda p: dln_loss(p, train), params, k=2 * D, num_iters=2 * D,
+        key=jax.random.key(0))
+    return {"lambda_max": spectrum.eigenvalues[0],
+            "trace": jnp.sum(spectrum.eigenvalues),
+            "test_loss": jnp.sum((beta - beta_star) ** 2),
             "val_loss": dln_loss(params, val),
             "train_loss": dln_loss(params, train),
             "l1_norm": jnp.sum(jnp.abs(beta))}
@@ -317,14 +324,16 @@ def markdown(config, digits, dln, dln_curves, seconds):
       "population loss); rho per m chosen by the loss on 100 fresh "
       "validation examples.",
       "",
-      "| method | rho | test loss | train loss | ‖beta‖₁ (‖beta*‖₁ = 3) |",
-      "|---|---|---|---|---|",
+      "| method | rho | test loss | train loss | ‖beta‖₁ (‖beta*‖₁ = 3) "
+      "| λ_max | trace(H) |",
+      "|---|---|---|---|---|---|---|",
   ]
   for name, r in dln.items():
     lines.append(
         f"| {name} | {r['rho'] if r['rho'] is not None else '-'} | "
         f"{pm(r['test_loss'], 1, 4)} | {pm(r['train_loss'], 1, 5)} | "
-        f"{pm(r['l1_norm'], 1, 3)} |")
+        f"{pm(r['l1_norm'], 1, 3)} | {pm(r['lambda_max'], 1, 2)} | "
+        f"{pm(r['trace'], 1, 2)} |")
   rhos = config["dln_rhos"]
   lines += ["", "Test loss at every rho:", "",
             "| method | " + " | ".join(f"rho={r}" for r in rhos) + " |",
