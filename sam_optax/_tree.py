@@ -95,3 +95,23 @@ def orthogonal_part(tree: Any, direction: Any) -> Any:
   d_norm = norm(direction)
   coefficient = safe_div(vdot(tree, direction), d_norm)  # ⟨t, d̂⟩
   return add_scale(tree, -safe_div(coefficient, d_norm), direction)
+
+
+def normal_like(key: Any, tree: Any) -> Any:
+  """Standard normals shaped like the float leaves of ``tree`` (0 elsewhere).
+
+  One draw for the whole tree, cut into leaves (one random-bits computation
+  to compile however many leaves there are), cast to each leaf's dtype.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  sizes = [int(jnp.size(x)) if is_float(x) else 0 for x in leaves]
+  flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+  out, start = [], 0
+  for x, size in zip(leaves, sizes):
+    if is_float(x):
+      piece = flat[start:start + size].reshape(jnp.shape(x))
+      out.append(piece.astype(jnp.result_type(x)))
+    else:
+      out.append(jnp.zeros_like(x))
+    start += size
+  return jax.tree.unflatten(treedef, out)
