@@ -117,7 +117,11 @@ def step_body(params, opt_state, x, y):
 """,
 }
 
-_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^\s`]*)[^`]*$")
+# A fence: 3+ backticks or tildes; it is closed by a run of the same
+# character at least as long (CommonMark), so a ````markdown example may hold
+# a ```python fence that is not run.
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})"
+                    r"(?P<lang>[^\s`]*)[^`]*$")
 _MARKER = re.compile(r"^\s*<!--\s*(?P<kind>[a-z]+)\s*(?::(?P<arg>.*?))?\s*-->"
                      r"\s*$")
 
@@ -147,9 +151,11 @@ def extract(path: pathlib.Path) -> list[Block]:
     if m is None:
       i += 1
       continue
-    indent, lang = m.group("indent"), m.group("lang")
+    fence, lang = m.group("fence"), m.group("lang")
     j = i + 1
-    while j < len(lines) and lines[j].strip() != "```":
+    while j < len(lines) and not (
+        lines[j].strip().startswith(fence) and
+        set(lines[j].strip()) == {fence[0]}):
       j += 1
     if lang == "python":
       block = Block(rel, i + 2, textwrap.dedent("\n".join(lines[i + 1:j])),
@@ -174,7 +180,6 @@ def extract(path: pathlib.Path) -> list[Block]:
         else:
           block.error = f"unknown marker <!-- {kind} -->"
         k -= 1
-      del indent
       blocks.append(block)
     i = j + 1
   return blocks
@@ -226,8 +231,12 @@ def _run_blocks(paths: list[str]) -> None:
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict]:
   env = dict(os.environ)
+  # 8 fake devices; and a cheaper XLA compile (the snippets are tiny and run
+  # once: compiling dominates, and these halve it).
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=8").strip()
+                      " --xla_force_host_platform_device_count=8"
+                      " --xla_backend_optimization_level=0"
+                      " --xla_llvm_disable_expensive_passes=true").strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["MPLBACKEND"] = "Agg"
   env["PYTHONPATH"] = os.pathsep.join(
