@@ -265,7 +265,11 @@ def test_snippet_runs(block: Block, results: dict[str, dict]) -> None:
     pytest.fail(f"{block.id}: no result; runner stderr:\n"
                 f"{results['__stderr__']['text'][-3000:]}")
   if not r["ok"]:
-    pytest.fail(f"{block.id} fails as written:\n{r['error']}",
+    pytest.fail(f"{block.id} fails as written:\n{r['error']}\n\nA block runs "
+                "on its own, as a reader would copy it: it imports what it "
+                "uses. Names it assumes: <!-- prelude: loss_fn params batch "
+                "-->; continuing the previous block: <!-- continue -->; "
+                "cannot run here: <!-- skip: reason --> (docs/contributing.md)",
                 pytrace=False)
   if r["skipped"]:
     pytest.skip(f"{block.id}: {block.skip} (compiled only)")
