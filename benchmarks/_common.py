@@ -12,8 +12,6 @@
   report goes to the git-ignored ``benchmarks/results/local/``, so that a user
   trying the package does not rewrite tracked files; ``--write`` writes the
   tracked ``benchmarks/results/`` and ``--out STEM`` any path;
-* :func:`load_digits_split` is the digits data of the small training
-  benchmarks;
 * :func:`looksam` adapts the one constructor argument whose name differs
   between versions of the package (LookSAM's period).
 
@@ -286,28 +284,3 @@ def publish(stem: str, data: Any, markdown: str,
   log(markdown)
   log("wrote " + ", ".join(written))
   return written
-
-
-# ----------------------------------------------------------------------------
-# Data.
-# ----------------------------------------------------------------------------
-
-
-def load_digits_split():
-  """Digits, 70/30 fixed stratified split, standardised on train stats.
-
-  Returns ``(x_train, y_train, x_test, y_test)``: float32 features, int32
-  labels. Ships with scikit-learn: nothing is downloaded.
-  """
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-  from sklearn.preprocessing import StandardScaler
-
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(
-      x, y, test_size=0.3, random_state=0, stratify=y)
-  scaler = StandardScaler().fit(x_train)
-  return (scaler.transform(x_train).astype(np.float32),
-          y_train.astype(np.int32),
-          scaler.transform(x_test).astype(np.float32),
-          y_test.astype(np.int32))

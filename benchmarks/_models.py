@@ -153,3 +153,13 @@ MODELS: dict[str, Spec] = {
 
 def num_params(params: Any) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def scale_batch(spec: Spec, factor: int) -> Spec:
+  """``spec`` with ``factor`` times its batch size (itself for 1)."""
+  if factor == 1:
+    return spec
+  batch = spec.batch_size * factor
+  return dataclasses.replace(
+      spec, batch_size=batch,
+      description=f"{spec.description} x{factor} = batch {batch}")

@@ -48,7 +48,6 @@ cores); the report is named ``..._dry_run``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -101,9 +100,7 @@ def _reset_rss_peak() -> bool:
 def measure(model: str, variant: str, schedule: str, steps: int,
             batch_scale: int) -> dict:
   """Compiles and runs one step; returns its memory and time."""
-  spec = _models.MODELS[model]
-  if batch_scale != 1:
-    spec = dataclasses.replace(spec, batch_size=spec.batch_size * batch_scale)
+  spec = _models.scale_batch(_models.MODELS[model], batch_scale)
   dev = jax.devices()[0]
 
   def device_stats():

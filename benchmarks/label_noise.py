@@ -52,6 +52,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
+import _digits  # noqa: E402
 
 import sam_optax  # noqa: E402
 
@@ -66,21 +67,11 @@ PLAN = (("sgd", "sgd", None, 1), ("sgd_2x", "sgd", None, 2),
 SWEEP = (("sam", (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)),
          ("asam", (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)))
 NOISE_LEVELS = (0.0, 0.2, 0.4, 0.6)
-NUM_CLASSES = 10
 
 
 # ----------------------------------------------------------------------------
 # Data, noise and model.
 # ----------------------------------------------------------------------------
-
-
-def noisy_labels(y, noise, seed):
-  """Replaces a fraction ``noise`` of ``y`` by a different, random class."""
-  rng = np.random.default_rng(10_000 + seed)
-  y = y.copy()
-  flip = rng.permutation(len(y))[:int(round(noise * len(y)))]
-  y[flip] = (y[flip] + rng.integers(1, NUM_CLASSES, len(flip))) % NUM_CLASSES
-  return y
 
 
 def init_mlp(key):
@@ -173,7 +164,7 @@ def run_method(method, rho, epochs, data, noise_levels, seeds, log):
   start = time.perf_counter()
   outs = []
   for i, (p, s) in enumerate(runs):  # One compiled program, once per run.
-    y_noisy = jnp.asarray(noisy_labels(y_train, p, s))
+    y_noisy = jnp.asarray(_digits.noisy_labels(y_train, p, s))
     outs.append(jax.tree.map(np.asarray, train(
         jax.random.key(s), y_noisy, jnp.asarray(y_train))))
     log(f"    run {i + 1}/{len(runs)} (noise {p}, seed {s}): test acc "
@@ -299,7 +290,7 @@ def main(argv=None):
       args, "label_noise" + ("_quick" if args.quick else ""))
   log = _common.log
 
-  data = _common.load_digits_split()
+  data = _digits.load_train_test()
   machine = (f"{_common.cpu_model()} ({os.cpu_count()} cores), "
              f"{jax.devices()[0].platform}")
   log(f"digits: {len(data[0])} train / {len(data[2])} test; noise "

@@ -58,7 +58,6 @@ schedule exists).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -415,11 +414,7 @@ def memory_summary(rows) -> dict[str, Any]:
 def bench_model(spec, rounds, sample_seconds, names=None, workers=2,
                 both_schedules=True, log=_common.log, batch_scale=1):
   """Compiles, times and compares the variants of one model."""
-  if batch_scale != 1:
-    spec = dataclasses.replace(
-        spec, batch_size=spec.batch_size * batch_scale,
-        description=f"{spec.description} x{batch_scale} = batch "
-        f"{spec.batch_size * batch_scale}")
+  spec = _models.scale_batch(spec, batch_scale)
   params, _ = spec.init()
   n_params = _models.num_params(params)
   param_bytes = tree_bytes(params)

@@ -11,7 +11,10 @@ with scikit-learn: nothing is downloaded) three times:
 All three runs start from the same initial weights and see the minibatches
 in the same order, so the only difference is the optimizer. The script
 prints the training progress, the test accuracy of each run and how much
-slower a SAM step is than a plain step.
+slower a SAM step is than a plain step: the median of per-round paired
+ratios over interleaved rounds, with its interquartile range, measured the
+way ``benchmarks/speed.py`` does, so that a busy machine does not make SAM
+look broken.
 
 What to expect: SAM computes two gradients per step (one at the weights w to
 find the perturbation, one at the perturbed weights w + eps), so a step
@@ -166,28 +169,34 @@ def train(name, tx, train_step, params, data, epochs, seed, log_every=5):
   return params
 
 
-def time_steps(optimizers, train_steps, params, x, y, n_steps=200,
-               repeats=10):
-  """Wall time of one training step per optimizer, in seconds.
+def time_steps(optimizers, train_steps, params, x, y, n_steps=100,
+               rounds=15):
+  """Step times and step-time ratios to ``sgd``, measured as the benchmarks do.
 
-  The steps are already compiled (by `train`). The optimizers take turns so
-  that a change in machine load affects them all alike; the best of
-  `repeats` rounds is kept.
+  The steps are already compiled (by `train`). Each round times a loop of
+  `n_steps` steps of every optimizer, one after the other, in an order
+  rotated every round, with ``block_until_ready`` inside the timed region.
+  A ratio is *paired*: an optimizer's time divided by sgd's time in the same
+  round, so a change in machine load between rounds cancels out. Returns
+  ``{name: per-round seconds per step}`` and ``{name: per-round ratios}``.
   """
   states = {name: (params, tx.init(params))
             for name, tx in optimizers.items()}
-  best = {name: float("inf") for name in optimizers}
-  for _ in range(repeats):
-    for name, train_step in train_steps.items():
+  names = list(train_steps)
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
       p, s = states[name]
       jax.block_until_ready(p)
       start = time.perf_counter()
       for _ in range(n_steps):
-        p, s, _ = train_step(p, s, x, y)
+        p, s, _ = train_steps[name](p, s, x, y)
       jax.block_until_ready(p)
-      best[name] = min(best[name], (time.perf_counter() - start) / n_steps)
+      times[name].append((time.perf_counter() - start) / n_steps)
       states[name] = p, s
-  return best
+  ratios = {name: [t / b for t, b in zip(times[name], times["sgd"])]
+            for name in names}
+  return times, ratios
 
 
 def main(epochs=20, seed=0):
@@ -207,16 +216,20 @@ def main(epochs=20, seed=0):
     accuracies[name] = float(accuracy(params, x_test, y_test))
 
   x, y = x_train[:BATCH_SIZE], y_train[:BATCH_SIZE]
-  step_times = time_steps(optimizers, train_steps, init_params, x, y)
+  step_times, ratios = time_steps(optimizers, train_steps, init_params, x, y)
 
   print()
   print(f"{'optimizer':10s} {'test acc':>9s} {'errors':>7s} "
-        f"{'step time':>10s} {'vs sgd':>7s}")
+        f"{'step time':>10s} {'vs sgd':>7s}  {'[IQR]':>12s}")
   for name, acc in accuracies.items():
     errors = round((1 - acc) * len(x_test))
-    ratio = step_times[name] / step_times["sgd"]
+    q25, q50, q75 = np.percentile(ratios[name], [25, 50, 75])
     print(f"{name:10s} {acc:9.4f} {errors:7d} "
-          f"{step_times[name] * 1e6:8.0f}us {ratio:6.2f}x")
+          f"{np.median(step_times[name]) * 1e6:8.0f}us {q50:6.2f}x  "
+          f"[{q25:.2f}, {q75:.2f}]")
+  print(f"\nstep time: median over {len(ratios['sgd'])} interleaved rounds; "
+        "vs sgd: median and\ninterquartile range of the per-round ratios "
+        "(paired, so machine load cancels).")
   print(f"\nerrors: misclassified test images (out of {len(x_test)}). Gaps "
         "of a few images\nare within the spread over seeds: try --seed 1, "
         "2, ...")

@@ -5,7 +5,11 @@
 """
 
 from sam_optax import diagnostics
+from sam_optax._eval_params import eval_params
+from sam_optax._friendly_sam import FriendlySAMState, friendly_sam
 from sam_optax._gradient import SAMInfo, sam_gradient, split_microbatches
+from sam_optax._gsam import gsam, gsam_rho_schedule
+from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._masks import (
     PathMask,
     exclude_biases,
@@ -14,16 +18,9 @@ from sam_optax._masks import (
 )
 from sam_optax._memory import CompileReport, compile_low_memory
 from sam_optax._perturbation import Perturbation, ascent_direction
-from sam_optax._sam import SAMState, sam
+from sam_optax._sam import sam
 from sam_optax._sharding import mark_varying
-from sam_optax._variants import (
-    FriendlySAMState,
-    LookSAMState,
-    friendly_sam,
-    gsam,
-    gsam_rho_schedule,
-    looksam,
-)
+from sam_optax._skeleton import SAMState
 
 __version__ = "0.1.0"
 
@@ -38,6 +35,7 @@ __all__ = (
     "ascent_direction",
     "compile_low_memory",
     "diagnostics",
+    "eval_params",
     "exclude_biases",
     "friendly_sam",
     "gsam",

@@ -7,7 +7,6 @@ BatchNorm statistics of the perturbed forward pass, or per-step metrics).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -16,32 +15,46 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sam_optax import _masks, _perturbation, _sharding
+from sam_optax import _masks, _perturbation, _sharding, _tree
+
+
+class AscentOptions(NamedTuple):
+  """How every method builds and applies ε (the arguments of ``sam``)."""
+
+  adaptive: bool = False
+  eta: Any = 0.01
+  eps: Any = 1e-12
+  mask: Any = None
+  adaptive_mask: Any = None
+  perturb_in_float32: bool = False
+  exact_norms: bool = False
 
 
 class SAMInfo(NamedTuple):
-  """What :func:`sam_gradient` measured on the way.
+  r"""What :func:`sam_gradient` measured on the way (float32 scalars).
 
   Attributes:
-    grad_norm: ‖g‖₂ of the ascent gradient over the perturbed leaves.
-    perturbation_norm: the *achieved* ‖ε‖₂, i.e. the norm of
-      ``perturbed_params - params`` after rounding to the params' dtype (so a
-      bf16 model shows how much of ρ survived).
+    ascent_norm: :math:`\|T g\|_2` of the ascent gradient over the perturbed
+      leaves (:math:`\|g\|_2` for SAM).
+    radius: ρ, or 0 where the ascent gradient is 0 (exactly: the radius of ε
+      in the ascent's metric, see :class:`sam_optax.Perturbation`).
+    grad_norm: :math:`\|g\|_2` with ``exact_norms=True``, else ``None``.
+    perturbation_norm: with ``exact_norms=True``, the *achieved*
+      :math:`\|\epsilon\|_2`, i.e. the norm of ``perturbed_params - params``
+      after rounding to the params' dtype (so a bf16 model shows how much of
+      ρ survived); else ``None``.
     aux: what ``grad_fn`` returned besides the gradient (``None`` unless
       ``has_aux=True``). Not averaged over devices or micro-batches.
   """
 
-  grad_norm: jax.Array  # shape=(), dtype=jnp.float32
-  perturbation_norm: jax.Array  # shape=(), dtype=jnp.float32
+  ascent_norm: jax.Array  # shape=(), dtype=jnp.float32
+  radius: jax.Array  # shape=(), dtype=jnp.float32
+  grad_norm: jax.Array | None  # shape=(), dtype=jnp.float32
+  perturbation_norm: jax.Array | None  # shape=(), dtype=jnp.float32
   aux: Any
 
 
-def _leaf_paths(tree: Any) -> list[str]:
-  return [_masks._path_to_str(path)  # pylint: disable=protected-access
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def conform_to_params(tree: Any, params: Any, what: str,
+def conform_to_params(tree: Any, params: Any, tree_name: str,
                       leading: tuple[int, ...] = ()) -> Any:
   """Checks that ``tree`` matches ``params`` and returns it in their structure.
 
@@ -50,29 +63,65 @@ def conform_to_params(tree: Any, params: Any, what: str,
   optimizer holds plain arrays).
 
   Raises:
-    ValueError: if the leaves, their paths or their shapes differ.
+    ValueError: if the leaves, their paths, shapes or kinds differ (a float
+      param needs a float gradient), or the params are of a kind SAM cannot
+      perturb (complex leaves, ``optax.masked`` placeholders).
   """
-  param_leaves, param_def = jax.tree.flatten(params)
+  _check_params(params)
+  param_def = jax.tree.structure(params)
   leaves, treedef = jax.tree.flatten(tree)
-  if treedef != param_def and (
-      len(leaves) != len(param_leaves) or _leaf_paths(tree) != _leaf_paths(
-          params)):
-    raise ValueError(
-        f"{what} does not match the params: got leaves "
-        f"{_leaf_paths(tree)} for params leaves {_leaf_paths(params)} "
-        f"(structures {treedef} and {param_def}).")
-  for path, leaf, param in zip(_leaf_paths(params), leaves, param_leaves):
+  if treedef != param_def:
+    paths = [_masks.path_str(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(tree)[0]]
+    param_paths = [_masks.path_str(p) for p, _ in
+                   jax.tree_util.tree_flatten_with_path(params)[0]]
+    if paths != param_paths:
+      raise ValueError(
+          f"{tree_name} does not match the params: got leaves {paths} for "
+          f"params leaves {param_paths} (structures {treedef} and "
+          f"{param_def}).")
+  for (path, param), leaf in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], leaves):
+    where = _masks.path_str(path) or "the root"
     expected = tuple(leading) + tuple(jnp.shape(param))
     if tuple(jnp.shape(leaf)) != expected:
       raise ValueError(
-          f"{what} has shape {jnp.shape(leaf)} at {path or 'the root'!r} "
-          f"where {expected} was expected.")
+          f"{tree_name} has shape {jnp.shape(leaf)} at {where!r} where "
+          f"{expected} was expected.")
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+    if dtype == jax.dtypes.float0:
+      raise ValueError(
+          f"{tree_name} has a float0 leaf at {where!r} (jax.grad(...,"
+          " allow_int=True) of an integer param): optimizers update float "
+          "params only; keep integer leaves out of the optimized params.")
+    if _tree.is_float(param) and not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"{tree_name} has dtype {dtype} at {where!r}, where the param is "
+          f"{jnp.result_type(param)}: a gradient must be floating point.")
   return jax.tree.unflatten(param_def, leaves)
+
+
+def _check_params(params: Any) -> None:
+  """Rejects params SAM cannot perturb correctly, naming what to do."""
+  if any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+    raise ValueError(
+        "The params hold optax.MaskedNode placeholders: SAM is inside "
+        "optax.masked or one branch of optax.multi_transform, so grad_fn "
+        "would be called without the other params. Put SAM outside instead "
+        "(sam(optax.multi_transform(...))) and choose the perturbed leaves "
+        "with sam(..., mask=...).")
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.iscomplexobj(leaf):
+      raise ValueError(
+          f"Complex params are not supported (leaf "
+          f"{_masks.path_str(path) or 'the root'!r}): split them into real "
+          "and imaginary parts.")
 
 
 def _achieved_norm(perturbed: Any, params: Any,
                    intended: jax.Array) -> jax.Array:
-  """The norm of the perturbation actually applied, in float32.
+  """The norm of the perturbation actually applied.
 
   When every perturbed leaf keeps at least float32 precision this is the
   intended ‖ε‖ (no extra pass over the params); with bf16/fp16 leaves it is
@@ -86,7 +135,74 @@ def _achieved_norm(perturbed: Any, params: Any,
     return intended
   diffs = [p.astype(jnp.float32) - jnp.asarray(w).astype(jnp.float32)
            for p, w in pairs]
-  return optax.tree.norm(diffs).astype(jnp.float32)
+  return optax.tree.norm(diffs)
+
+
+def perturbed_gradient(
+    grad_fn: Callable[[Any], tuple[Any, Any]],
+    params: Any,
+    grads: Any,
+    rho: Any,
+    options: AscentOptions,
+    *,
+    axis_name: Any = None,
+    microbatched: bool = False,
+) -> tuple[Any, SAMInfo]:
+  """This device's SAM gradient and info, with no checks and no averaging.
+
+  The core of :func:`sam_gradient` for callers that have already checked
+  their inputs (``grads`` conformed to ``params``, with a leading micro-batch
+  axis if ``microbatched``). ``grad_fn`` returns ``(gradient, aux)``. Under
+  ``axis_name`` the perturbed params are marked varying, so a ``shard_map``
+  gradient stays this shard's; nothing is averaged over the axis.
+  """
+
+  def ascend(g):
+    p = _perturbation.ascent_direction(
+        g, params, rho, adaptive=options.adaptive, eta=options.eta,
+        eps=options.eps, mask=options.mask,
+        adaptive_mask=options.adaptive_mask, exact_norms=options.exact_norms)
+    perturbed = _perturbation.perturb(
+        params, p.epsilon, keep_dtype=not options.perturb_in_float32)
+    achieved = None
+    if options.exact_norms:
+      achieved = _achieved_norm(perturbed, params, p.norm)
+    norms = (p.ascent_norm, p.radius, p.grad_norm, achieved)
+    return perturbed, jax.tree.map(lambda x: x.astype(jnp.float32), norms)
+
+  if microbatched:
+    perturbed, norms = jax.vmap(ascend)(grads)
+    norms = jax.tree.map(jnp.mean, norms)
+    leading = jax.tree.leaves(grads)[0].shape[:1]
+  else:
+    perturbed, norms = ascend(grads)
+    leading = ()
+  if axis_name is not None:
+    # Under shard_map, a gradient w.r.t. invariant params comes back summed
+    # over shards: make the perturbed params varying so it stays local.
+    perturbed = _sharding.mark_varying(perturbed, axis_name)
+  sam_grads, aux = grad_fn(perturbed)
+  sam_grads = conform_to_params(sam_grads, params, "The output of grad_fn",
+                                leading)
+  if microbatched:
+    sam_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), sam_grads)
+  sam_grads = jax.tree.map(lambda s, g: s.astype(g.dtype), sam_grads, grads)
+  return sam_grads, SAMInfo(*norms, aux)
+
+
+def sync_ascent_grads(grads: Any, axis_name: Any,
+                      groups: Sequence[Sequence[int]] | None = None) -> Any:
+  """Averages ``grads`` over the axis (within ``groups``: ``pmap`` only)."""
+  if groups is not None and _sharding.tracks_varying(axis_name):
+    raise ValueError(
+        "ascent_groups (axis_index_groups) is not supported under "
+        "jax.shard_map; use jax.pmap for grouped ascent.")
+  try:
+    return lax.pmean(grads, axis_name, axis_index_groups=groups)
+  except NotImplementedError as e:
+    raise ValueError(
+        "ascent_groups (axis_index_groups) is not supported here (it works "
+        "under jax.pmap, not jax.shard_map).") from e
 
 
 def sam_gradient(
@@ -106,6 +222,7 @@ def sam_gradient(
     ascent_groups: Sequence[Sequence[int]] | None = None,
     microbatched: bool = False,
     perturb_in_float32: bool = False,
+    exact_norms: bool = False,
 ) -> tuple[Any, SAMInfo]:
   r"""Computes the SAM gradient :math:`\nabla L(w + \epsilon)`.
 
@@ -139,9 +256,12 @@ def sam_gradient(
     microbatched: ``grads`` has a leading micro-batch axis and ``grad_fn``
       takes params stacked along that axis (see
       :func:`sam_optax.split_microbatches`); each micro-batch gets its own ε and
-      the SAM gradients are averaged over it.
+      the SAM gradients (and the logged norms) are averaged over it.
     perturb_in_float32: hand ``grad_fn`` float32 perturbed params even when the
       params are bf16/fp16, so that ε is not lost to rounding.
+    exact_norms: also measure :math:`\|g\|_2` and the achieved
+      :math:`\|\epsilon\|_2` (free for SAM in float32, extra reductions for
+      ASAM and low-precision params).
 
   Returns:
     ``(sam_grads, info)``: the SAM gradient (structure of ``params``, dtypes of
@@ -157,69 +277,30 @@ def sam_gradient(
     >>> g_sam  # w + 0.5 * w / ‖w‖
     Array([3.3, 4.4], dtype=float32)
   """
-  if axis_name is not None:
-    _sharding.check_axis_bound(axis_name)
-    if ascent_groups is not None and _sharding.tracks_varying(axis_name):
-      raise ValueError(
-          "ascent_groups (axis_index_groups) is not supported under "
-          "jax.shard_map; use jax.pmap for grouped ascent.")
+  leading = ()
+  if microbatched and jax.tree.leaves(grads):
+    leading = jax.tree.leaves(grads)[0].shape[:1]
+  grads = conform_to_params(grads, params, "The gradient passed to SAM",
+                            leading)
+  if axis_name is None:
     if sync_ascent or ascent_groups is not None:
-      try:
-        grads = lax.pmean(grads, axis_name, axis_index_groups=ascent_groups)
-      except NotImplementedError as e:
-        raise ValueError(
-            "ascent_groups (axis_index_groups) is not supported here (it "
-            "works under jax.pmap, not jax.shard_map).") from e
+      raise ValueError("sync_ascent and ascent_groups need an axis_name.")
+  else:
+    _sharding.check_axis_bound(axis_name)
+    if sync_ascent or ascent_groups is not None:
+      grads = sync_ascent_grads(grads, axis_name, ascent_groups)
     else:
       _sharding.check_local(grads, axis_name, "The gradient passed to SAM")
-
-  ascent = functools.partial(
-      _perturbation.ascent_direction, rho=rho, adaptive=adaptive, eta=eta,
-      eps=eps, mask=mask, adaptive_mask=adaptive_mask)
-  add = functools.partial(_perturbation.perturb,
-                          keep_dtype=not perturb_in_float32)
-  if microbatched:
-    leading = jax.tree.leaves(grads)[0].shape[:1] if jax.tree.leaves(
-        grads) else ()
-    grads = conform_to_params(grads, params, "The micro-batched gradient",
-                              leading)
-    epsilon, grad_norm, norm = jax.vmap(ascent, in_axes=(0, None))(
-        grads, params)
-    perturbed = jax.vmap(add, in_axes=(None, 0))(params, epsilon)
-    achieved = jax.vmap(_achieved_norm, in_axes=(0, None, 0))(
-        perturbed, params, norm)
-    grad_norm, achieved = jnp.mean(grad_norm), jnp.mean(achieved)
-  else:
-    leading = ()
-    grads = conform_to_params(grads, params, "The gradient passed to SAM")
-    epsilon, grad_norm, norm = ascent(grads, params)
-    perturbed = add(params, epsilon)
-    achieved = _achieved_norm(perturbed, params, norm)
-
+  options = AscentOptions(adaptive, eta, eps, mask, adaptive_mask,
+                          perturb_in_float32, exact_norms)
+  with_aux = grad_fn if has_aux else (lambda p: (grad_fn(p), None))
+  sam_grads, info = perturbed_gradient(
+      with_aux, params, grads, rho, options, axis_name=axis_name,
+      microbatched=microbatched)
   if axis_name is not None:
-    # Under shard_map, a gradient w.r.t. invariant params comes back summed
-    # over shards: make the perturbed params varying so it stays local.
-    perturbed = _sharding.mark_varying(perturbed, axis_name)
-
-  out = grad_fn(perturbed)
-  if has_aux:
-    if not (isinstance(out, tuple) and len(out) == 2):
-      raise ValueError(
-          "With has_aux=True, grad_fn must return a pair (gradient, aux); got "
-          f"{type(out).__name__}.")
-    sam_grads, aux = out
-  else:
-    sam_grads, aux = out, None
-  sam_grads = conform_to_params(sam_grads, params, "The output of grad_fn",
-                                leading)
-  if microbatched:
-    sam_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), sam_grads)
-    grads = jax.tree.map(lambda g: g[0], grads)  # For the dtypes below.
-  if axis_name is not None:
-    sam_grads, grad_norm, achieved = lax.pmean(
-        (sam_grads, grad_norm, achieved), axis_name)
-  sam_grads = optax.tree.cast_like(sam_grads, grads)
-  return sam_grads, SAMInfo(grad_norm, achieved, aux)
+    sam_grads, norms = lax.pmean((sam_grads, info[:4]), axis_name)
+    info = SAMInfo(*norms, info.aux)
+  return sam_grads, info
 
 
 def split_microbatches(batch: Any, num_microbatches: int) -> Any:

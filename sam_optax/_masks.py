@@ -28,23 +28,12 @@ import jax.numpy as jnp
 MaskPredicate = Callable[[str, jax.Array], bool]
 
 
-def _path_to_str(path: tuple[Any, ...]) -> str:
+def path_str(path: tuple[Any, ...]) -> str:
   """Joins a key path into ``'Dense_0/kernel'``, dropping Flax ``.value``."""
-  names = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      names.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      if key.name in ("value", "raw_value"):  # flax.nnx Variable wrappers.
-        continue
-      names.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      names.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      names.append(str(key.key))
-    else:
-      names.append(str(key))
-  return "/".join(names)
+  kept = tuple(key for key in path
+               if not (isinstance(key, jax.tree_util.GetAttrKey)
+                       and key.name in ("value", "raw_value")))
+  return jax.tree_util.keystr(kept, simple=True, separator="/")
 
 
 class PathMask:
@@ -61,7 +50,7 @@ class PathMask:
   def resolve(self, params: Any) -> Any:
     """Returns the pytree of Python bools for ``params``."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: bool(self._predicate(_path_to_str(path), leaf)),
+        lambda path, leaf: bool(self._predicate(path_str(path), leaf)),
         params,
     )
 
@@ -132,15 +121,15 @@ def exclude_biases() -> PathMask:
       lambda path, leaf: path.rsplit("/", 1)[-1] != "bias", "not bias")
 
 
-def resolve_mask(mask: Any, params: Any, name: str = "mask") -> list[Any]:
-  """Returns one mask entry per leaf of ``params`` (bool or boolean array).
+def mask_tree(mask: Any, params: Any, name: str = "mask") -> Any:
+  """Returns the mask as a tree like ``params`` of bools or boolean arrays.
 
   Raises:
-    ValueError: if the mask's structure is not a prefix of the params'.
+    ValueError: if the mask's structure is not a prefix of the params', or a
+      mask leaf is not a boolean.
   """
-  leaves = jax.tree.leaves(params)
   if mask is None:
-    return [True] * len(leaves)
+    return jax.tree.map(lambda _: True, params)
   if isinstance(mask, PathMask):
     mask = mask.resolve(params)
   elif callable(mask):
@@ -153,14 +142,28 @@ def resolve_mask(mask: Any, params: Any, name: str = "mask") -> list[Any]:
         f"Got {name} structure {jax.tree.structure(mask)} and params "
         f"structure {jax.tree.structure(params)}."
     ) from e
-  entries = jax.tree.leaves(full)
-  if len(entries) != len(leaves):
+  entries, treedef = jax.tree.leaves(full), jax.tree.structure(params)
+  if len(entries) != treedef.num_leaves:
     raise ValueError(
-        f"`{name}` resolved to {len(entries)} entries for {len(leaves)} "
-        "param leaves; use booleans (not None) as mask leaves.")
-  for entry in entries:
-    if not isinstance(entry, bool) and jnp.asarray(entry).dtype != jnp.bool_:
+        f"`{name}` resolved to {len(entries)} entries for "
+        f"{treedef.num_leaves} param leaves; use booleans (not None) as mask "
+        "leaves.")
+  for (path, leaf), entry in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], entries):
+    if isinstance(entry, bool):
+      continue
+    if jnp.asarray(entry).dtype != jnp.bool_:
       raise ValueError(
           f"`{name}` leaves must be booleans, got {entry!r} "
-          f"({type(entry).__name__}).")
-  return entries
+          f"({type(entry).__name__}) at {path_str(path)!r}.")
+    shape, target = jnp.shape(entry), jnp.shape(leaf)
+    try:
+      fits = jnp.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(
+          f"`{name}` has a boolean array of shape {shape} at "
+          f"{path_str(path)!r}, which does not broadcast to the param's "
+          f"shape {target}.")
+  return jax.tree.unflatten(treedef, entries)

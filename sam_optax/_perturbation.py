@@ -1,8 +1,8 @@
 """Ascent directions: the perturbation ε of SAM and ASAM.
 
-All norm arithmetic is done in float32 (or float64 for float64 leaves),
-whatever the dtype of the params and gradients, and a zero gradient gives
-ε = 0 rather than NaN whatever the value of ``eps``.
+All norm arithmetic is done in float32 (float64 when a perturbed leaf is
+float64), whatever the dtype of the params and gradients, and a zero gradient
+gives ε = 0 rather than NaN whatever the value of ``eps``.
 """
 
 from __future__ import annotations
@@ -12,32 +12,35 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sam_optax import _masks
+from sam_optax import _masks, _tree
 
 
 class Perturbation(NamedTuple):
-  """The result of :func:`ascent_direction`.
+  r"""The result of :func:`ascent_direction`.
 
   Attributes:
     epsilon: the perturbation ε, a pytree like the params in the compute
       dtype (float32, or float64 for float64 leaves); zero on masked-out
       leaves.
-    grad_norm: ‖g‖₂ over the perturbed leaves, a float32 scalar.
-    norm: ‖ε‖₂, a float32 scalar (ρ for SAM unless g = 0).
+    ascent_norm: :math:`\|T g\|_2` over the perturbed leaves, the norm the
+      ascent divides by (:math:`\|g\|_2` for SAM).
+    radius: :math:`\rho\,\|Tg\|_2 / (\|Tg\|_2 + \mathrm{eps})`, the radius of
+      ε in the ascent's own metric: :math:`\|\epsilon\|_2` for SAM,
+      :math:`\|T^{-1}\epsilon\|_2` for ASAM; ρ unless g = 0.
+    grad_norm: :math:`\|g\|_2` over the perturbed leaves with
+      ``exact_norms=True``, else ``None`` (free for SAM, one more reduction
+      for ASAM).
+    norm: :math:`\|\epsilon\|_2` with ``exact_norms=True``, else ``None``.
+
+  The norms are scalars in float32, or float64 when a perturbed leaf is
+  float64.
   """
 
   epsilon: Any
-  grad_norm: jax.Array  # shape=(), dtype=jnp.float32
-  norm: jax.Array  # shape=(), dtype=jnp.float32
-
-
-def compute_dtype(dtype: Any) -> jnp.dtype:
-  """float32 for low-precision floats, the dtype itself for float64."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _is_float(leaf: Any) -> bool:
-  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+  ascent_norm: jax.Array  # shape=(), dtype=float32 (float64 for f64 leaves)
+  radius: jax.Array  # shape=(), dtype like ascent_norm
+  grad_norm: jax.Array | None  # shape=(), dtype like ascent_norm
+  norm: jax.Array | None  # shape=(), dtype like ascent_norm
 
 
 def ascent_direction(
@@ -50,6 +53,7 @@ def ascent_direction(
     eps: Any = 1e-12,
     mask: Any = None,
     adaptive_mask: Any = None,
+    exact_norms: bool = False,
 ) -> Perturbation:
   r"""Computes the SAM (or ASAM) perturbation ε from a gradient.
 
@@ -64,7 +68,10 @@ def ascent_direction(
   The norm is global, over every leaf that ``mask`` selects; masked-out leaves
   get ε = 0 and do not enter the norm. With ``adaptive=True``, leaves that
   ``adaptive_mask`` leaves out use ``T = 1``. Non-float leaves are never
-  perturbed. A zero gradient gives ε = 0 exactly.
+  perturbed. A zero gradient gives ε = 0 exactly; a gradient whose norm is
+  not finite (it holds inf or NaN, or its squares overflow the float32 sum)
+  gives ε = NaN, so that the fault shows and a guard such as
+  ``sam(optax.apply_if_finite(base, ...))`` skips the step.
 
   Args:
     grads: the gradient at ``params`` (a pytree like ``params``).
@@ -75,78 +82,63 @@ def ascent_direction(
     eps: added to the norm in the denominator.
     mask: which leaves are perturbed (see :mod:`sam_optax._masks`).
     adaptive_mask: with ``adaptive=True``, which leaves use ``T = |w| + η``.
+    exact_norms: also return :math:`\|g\|_2` and :math:`\|\epsilon\|_2`
+      (free for SAM; for ASAM two more reductions over the params).
 
   Returns:
-    A :class:`Perturbation` with ε in float32, ‖g‖ over the masked leaves
-    and ‖ε‖.
+    A :class:`Perturbation`.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import sam_optax
     >>> g = {'w': jnp.array([3.0, 4.0])}
-    >>> sam_optax.ascent_direction(g, g, rho=0.5).epsilon['w']
-    Array([0.3, 0.4], dtype=float32)
+    >>> p = sam_optax.ascent_direction(g, g, rho=0.5)
+    >>> p.epsilon['w'], float(p.ascent_norm), float(p.radius)
+    (Array([0.3, 0.4], dtype=float32), 5.0, 0.5)
   """
-  grad_leaves, treedef = jax.tree.flatten(grads)
-  param_leaves = treedef.flatten_up_to(params)
-  masks = _masks.resolve_mask(mask, params, "mask")
+  treedef = jax.tree.structure(grads)
+  params = treedef.unflatten(treedef.flatten_up_to(params))
+
+  def masked_grad(g, w, perturbed):  # In the compute dtype, 0 if masked.
+    dtype = _tree.compute_dtype(jnp.result_type(w))
+    if perturbed is False or not (_tree.is_float(g) and _tree.is_float(w)):
+      return jnp.zeros(jnp.shape(w), dtype)
+    g = jnp.asarray(g).astype(dtype)
+    return g if perturbed is True else jnp.where(perturbed, g, 0)
+
+  g = jax.tree.map(masked_grad, grads, params,
+                   _masks.mask_tree(mask, params, "mask"))
   if adaptive:
-    adaptive_masks = _masks.resolve_mask(adaptive_mask, params, "adaptive_mask")
+    def scale(w, g, rescaled):  # T = |w| + η, or 1 where not rescaled.
+      t = jnp.abs(w).astype(g.dtype) + jnp.asarray(eta).astype(g.dtype)
+      return t if rescaled is True else jnp.where(rescaled, t, 1)
+
+    t = jax.tree.map(scale, params, g,
+                     _masks.mask_tree(adaptive_mask, params, "adaptive_mask"))
+    tg = jax.tree.map(jnp.multiply, t, g)
+    direction = jax.tree.map(jnp.multiply, t, tg)  # T²g
   else:
-    adaptive_masks = [False] * len(grad_leaves)
+    tg = direction = g
 
-  # Per leaf: g in the compute dtype (zero where masked out) and the scale T.
-  masked_grads, scales = [], []
-  for g, w, m, a in zip(grad_leaves, param_leaves, masks, adaptive_masks):
-    if not (_is_float(g) and _is_float(w)) or m is False:
-      masked_grads.append(None)
-      scales.append(None)
-      continue
-    g = g.astype(compute_dtype(g.dtype))
-    if m is not True:
-      g = jnp.where(m, g, jnp.zeros_like(g))
-    masked_grads.append(g)
-    if a is False:
-      scales.append(None)
-    else:
-      t = jnp.abs(w).astype(g.dtype) + jnp.asarray(eta, jnp.float32).astype(
-          g.dtype)
-      scales.append(t if a is True else jnp.where(a, t, jnp.ones_like(t)))
-
-  def sq_norm(leaves):
-    return sum((jnp.sum(jnp.square(x)).astype(jnp.float32)
-                for x in leaves if x is not None), jnp.zeros([], jnp.float32))
-
-  grad_norm = jnp.sqrt(sq_norm(masked_grads))
-  if adaptive:
-    scaled = [None if g is None else (g if t is None else t * g)
-              for g, t in zip(masked_grads, scales)]
-    ascent_norm = jnp.sqrt(sq_norm(scaled))
-  else:
-    scaled, ascent_norm = masked_grads, grad_norm
-
+  ascent_norm = _tree.norm(tg)
+  dtype = ascent_norm.dtype
   # ρ / (‖Tg‖ + eps), and exactly 0 for a zero gradient (eps may have been
   # rounded to 0 by inject_hyperparams in low precision: never divide by 0).
-  rho32 = jnp.asarray(rho).astype(jnp.float32)
-  eps32 = jnp.asarray(eps).astype(jnp.float32)
-  positive = ascent_norm > 0
-  factor = jnp.where(
-      positive, rho32 / jnp.where(positive, ascent_norm + eps32, 1.0), 0.0)
-
-  epsilon, directions = [], []
-  for g, w, tg, t in zip(grad_leaves, param_leaves, scaled, scales):
-    if tg is None:
-      epsilon.append(jnp.zeros(jnp.shape(w), compute_dtype(jnp.result_type(w))))
-      directions.append(None)
-    else:
-      direction = tg if t is None else t * tg
-      epsilon.append(factor.astype(direction.dtype) * direction)
-      directions.append(direction)
-  # ‖ε‖ = factor·‖direction‖; for SAM the direction is g, whose norm we have
-  # (no second pass over the gradient).
-  direction_norm = jnp.sqrt(sq_norm(directions)) if adaptive else grad_norm
-  return Perturbation(jax.tree.unflatten(treedef, epsilon), grad_norm,
-                      factor * direction_norm)
+  factor = _tree.safe_div(
+      jnp.asarray(rho).astype(dtype),
+      ascent_norm + jnp.asarray(eps).astype(dtype))
+  factor = jnp.where(ascent_norm > 0, factor, 0)
+  # An infinite norm (an inf gradient, or finite ones whose squares overflow,
+  # e.g. a bf16 gradient of 1e20) would give ε = 0: SAM silently off. Make
+  # it a NaN instead, which sam(optax.apply_if_finite(base)) skips and counts.
+  factor = jnp.where(jnp.isfinite(ascent_norm), factor, jnp.nan)
+  epsilon = jax.tree.map(lambda d: factor.astype(d.dtype) * d, direction)
+  radius = factor * ascent_norm
+  grad_norm = norm = None
+  if exact_norms:
+    grad_norm = _tree.norm(g) if adaptive else ascent_norm
+    norm = factor * _tree.norm(direction) if adaptive else radius
+  return Perturbation(epsilon, ascent_norm, radius, grad_norm, norm)
 
 
 def perturb(params: Any, epsilon: Any, *, keep_dtype: bool = True) -> Any:
@@ -162,7 +154,7 @@ def perturb(params: Any, epsilon: Any, *, keep_dtype: bool = True) -> Any:
   """
 
   def add(w, e):
-    if not _is_float(w):
+    if not _tree.is_float(w):
       return w
     w = jnp.asarray(w)
     out = w.astype(e.dtype) + e

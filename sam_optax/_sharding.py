@@ -77,14 +77,14 @@ def mark_varying(tree: Any, axis_name: Any) -> Any:
   return jax.tree.map(cast, tree)
 
 
-def check_local(tree: Any, axis_name: Any, what: str) -> None:
+def check_local(tree: Any, axis_name: Any, tree_name: str) -> None:
   """Rejects gradients that are already reduced over ``axis_name``."""
   if not tracks_varying(axis_name):
     return
   for leaf in jax.tree.leaves(tree):
     if axis_name not in varying_axes(leaf):
       raise ValueError(
-          f"{what} is invariant over the mesh axis {axis_name!r}: it was "
+          f"{tree_name} is invariant over the mesh axis {axis_name!r}: it was "
           "already reduced across shards, so each shard would perturb with "
           "the global gradient instead of its own. Inside jax.shard_map with "
           "check_vma=True, jax.grad with respect to replicated params returns "

@@ -52,10 +52,24 @@ def vdot(a: Any, b: Any) -> jax.Array:
   return jnp.asarray(optax.tree.vdot(a, b), dtype)
 
 
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+  """√x with derivative 0 (not NaN) at x = 0."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
 def norm(tree: Any) -> jax.Array:
-  """‖tree‖₂ over the float leaves, in :func:`accumulation_dtype`."""
+  """‖tree‖₂ over the float leaves, in :func:`accumulation_dtype`.
+
+  Differentiable everywhere (derivative 0 at a zero tree). The sum of squares
+  is accumulated in that dtype, so it overflows (gives inf) when ‖tree‖
+  exceeds about 1.8e19 in float32: callers that divide by it must treat inf
+  as a fault, not as a large number (see :func:`sam_optax.ascent_direction`).
+  """
   dtype = accumulation_dtype(tree)
-  return jnp.asarray(optax.tree.norm(to_compute(float_leaves(tree))), dtype)
+  squared = jnp.asarray(
+      optax.tree.norm(to_compute(float_leaves(tree)), squared=True), dtype)
+  return _safe_sqrt(squared)
 
 
 def safe_div(num: Any, den: Any) -> jax.Array:
@@ -81,3 +95,23 @@ def orthogonal_part(tree: Any, direction: Any) -> Any:
   d_norm = norm(direction)
   coefficient = safe_div(vdot(tree, direction), d_norm)  # ⟨t, d̂⟩
   return add_scale(tree, -safe_div(coefficient, d_norm), direction)
+
+
+def normal_like(key: Any, tree: Any) -> Any:
+  """Standard normals shaped like the float leaves of ``tree`` (0 elsewhere).
+
+  One draw for the whole tree, cut into leaves (one random-bits computation
+  to compile however many leaves there are), cast to each leaf's dtype.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  sizes = [int(jnp.size(x)) if is_float(x) else 0 for x in leaves]
+  flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+  out, start = [], 0
+  for x, size in zip(leaves, sizes):
+    if is_float(x):
+      piece = flat[start:start + size].reshape(jnp.shape(x))
+      out.append(piece.astype(jnp.result_type(x)))
+    else:
+      out.append(jnp.zeros_like(x))
+    start += size
+  return jax.tree.unflatten(treedef, out)

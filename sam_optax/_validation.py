@@ -1,4 +1,4 @@
-"""Argument checks and small plumbing shared by ``sam`` and its variants."""
+"""Argument checks shared by ``sam`` and its variants."""
 
 from __future__ import annotations
 
@@ -10,20 +10,63 @@ import numpy as np
 import optax
 
 
-def check_non_negative(name: str, value: Any) -> None:
-  """Validates a hyperparameter if it is concrete (never a tracer)."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
+def check_non_negative(name: str, value: Any, *, schedule: bool = False
+                       ) -> None:
+  """Validates a hyperparameter if it is concrete (never a tracer).
+
+  It must be a real, finite scalar >= 0. With ``schedule=True`` (ρ) it may
+  also be an Optax schedule ``value(step_count)``: it is called at step 0
+  and its value checked the same way.
+  """
+  if isinstance(value, jax.core.Tracer):
     return
+  if callable(value):
+    if not schedule:
+      raise TypeError(
+          f"`{name}` must be a number, not a callable (only rho takes a "
+          f"schedule); got {value!r}.")
+    try:
+      value = value(0)
+    except TypeError as e:
+      raise TypeError(
+          f"`{name}` is callable but not a schedule `{name}(step_count)`: "
+          f"{name}(0) failed with: {e}") from e
+    if isinstance(value, jax.core.Tracer):
+      return
+    name = f"{name}(0)"
   if isinstance(value, (numbers.Number, np.ndarray, np.generic, jax.Array)):
     arr = np.asarray(value)
     if not np.issubdtype(arr.dtype, np.number) or arr.shape != ():
-      raise ValueError(f"`{name}` must be a scalar, got {value!r}.")
-    if not arr >= 0:  # Also rejects NaN.
-      raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+      raise ValueError(f"`{name}` must be a real scalar, got {value!r}.")
+    if np.iscomplexobj(arr):
+      raise ValueError(f"`{name}` must be real, got {value!r}.")
+    if not (np.isfinite(arr) and arr >= 0):  # Also rejects NaN.
+      raise ValueError(f"`{name}` must be finite and >= 0, got {value!r}.")
     return
   raise TypeError(
       f"`{name}` must be a number, a scalar array or (for rho) a schedule; "
       f"got {type(value).__name__}.")
+
+
+def check_fraction(name: str, value: Any) -> None:
+  """Validates a concrete number in [0, 1] (tracers pass; no schedules)."""
+  if callable(value):
+    raise TypeError(f"`{name}` must be a number, not a schedule.")
+  check_non_negative(name, value)
+  if not isinstance(value, jax.core.Tracer) and not np.asarray(value) <= 1:
+    raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  """Validates a concrete positive integer (tracers pass)."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Integral, np.integer, np.ndarray, jax.Array)):
+    raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
+  arr = np.asarray(value)
+  if arr.shape != () or not np.issubdtype(arr.dtype, np.integer) or arr < 1:
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
 
 def check_bools(**flags: Any) -> None:
@@ -54,13 +97,3 @@ def check_call(name: str, grad_fn: Any, params: Any) -> None:
   if params is None:
     raise ValueError(f"{name} needs the params: tx.update(grads, state, "
                      "params, grad_fn=...).")
-
-
-def rho_at(rho: optax.ScalarOrSchedule, count: jax.Array,
-           base_state: Any) -> Any:
-  """ρ at the number of base-optimizer steps (outer steps of MultiSteps)."""
-  if not callable(rho):
-    return rho
-  if isinstance(base_state, optax.MultiStepsState):
-    return rho(base_state.gradient_step)
-  return rho(count)

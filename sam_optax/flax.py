@@ -41,7 +41,7 @@ import jax
 import optax
 from jax import lax
 
-from sam_optax import _sharding
+from sam_optax import _masks, _sharding
 
 try:
   from flax import nnx
@@ -60,6 +60,11 @@ __all__ = (
 
 
 # ----------------------------------------------------------------------- NNX
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+  return [_masks.path_str(path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(nnx.as_pure(tree))[0]]
 
 
 def _has_graph_nodes(tree: Any) -> bool:
@@ -119,8 +124,9 @@ def nnx_grad_fn(
     >>> grads = nnx.grad(loss_fn)(model, x, y)  # the clean pass, after
     >>> _ = optimizer.update(model, grads, grad_fn=grad_fn)
   """
-  graphdef, _, rest = nnx.split(model, wrt, ...)
+  graphdef, params, rest = nnx.split(model, wrt, ...)
   rest = nnx.as_pure(rest)  # Fresh Variables on merge: no aliasing.
+  expected_paths = _leaf_paths(params)
   if _has_graph_nodes(args):
     args_def, args_state = nnx.split(args)
     args_state = nnx.as_pure(args_state)
@@ -137,6 +143,13 @@ def nnx_grad_fn(
     return out[0] if has_aux else out
 
   def grad_fn(perturbed_params):
+    paths = _leaf_paths(perturbed_params)
+    if paths != expected_paths:
+      raise ValueError(
+          "grad_fn got params with the leaves "
+          f"{paths}, but the model's variables selected by wrt={wrt!r} are "
+          f"{expected_paths}: pass the same `wrt` to nnx_grad_fn / "
+          "nnx_value_and_grad as to nnx.Optimizer(model, tx, wrt=...).")
     if value_and_grad:
       return jax.value_and_grad(loss_at)(perturbed_params)
     return jax.grad(loss_at)(perturbed_params)

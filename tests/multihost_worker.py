@@ -136,7 +136,7 @@ def _run(port, process_id, num_processes, out_dir):
       params, state = step(params, state, *inputs)
     # One copy per local device: the test checks they all agree.
     shapes = dict(jax.tree.map(np.shape, init_params()), grad_norm=())
-    for key, leaf in dict(params, grad_norm=state.grad_norm).items():
+    for key, leaf in dict(params, grad_norm=state.ascent_norm).items():
       results[f"{name}/{key}"] = np.stack(
           [np.asarray(s.data).reshape(shapes[key])
            for s in leaf.addressable_shards])

@@ -88,7 +88,7 @@ def test_sam_trains_mlp_on_digits(digits, adaptive, rho):
       idx = order[i * BATCH_SIZE:(i + 1) * BATCH_SIZE]
       params, state = train_step(params, state, x_train[idx], y_train[idx])
       sharpness.append(state.sharpness)
-      eps_norms.append(state.perturbation_norm)
+      eps_norms.append(state.radius)
 
   logits = predict(params, x_test)
   accuracy = float(jnp.mean(jnp.argmax(logits, -1) == y_test))

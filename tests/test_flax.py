@@ -395,3 +395,29 @@ def test_core_does_not_import_flax_and_missing_flax_is_explained():
       "else:\n"
       "  raise AssertionError('no ImportError')\n")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_nnx_wrt_mismatch_names_wrt():
+  class TwoLayers(nnx.Module):
+    def __init__(self, rngs):
+      self.body = nnx.Linear(2, 3, rngs=rngs)
+      self.head = nnx.Linear(3, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(self.body(x))
+
+  model = TwoLayers(nnx.Rngs(0))
+  x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+  loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)  # noqa: E731
+  head_only = nnx.All(nnx.Param, nnx.PathContains("head"))
+  optimizer = nnx.Optimizer(model, sam_optax.sam(optax.sgd(0.1)),
+                            wrt=head_only)
+  grad_fn = sam_optax.flax.nnx_grad_fn(model, loss_fn, x, y)  # wrt=Param
+  grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, head_only))(model, x, y)
+  with pytest.raises(ValueError, match="same `wrt`"):
+    optimizer.update(model, grads, grad_fn=grad_fn)
+  # With the same filter it works.
+  grad_fn = sam_optax.flax.nnx_grad_fn(model, loss_fn, x, y, wrt=head_only)
+  before = model.body.kernel.value
+  optimizer.update(model, grads, grad_fn=grad_fn)
+  np.testing.assert_array_equal(model.body.kernel.value, before)

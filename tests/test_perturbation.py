@@ -1,10 +1,12 @@
 """Tests for the ascent directions (``sam_optax.ascent_direction``)."""
 
+import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import sam_optax
@@ -53,7 +55,8 @@ def test_sam_direction_is_normalised_gradient():
   p = sam_optax.ascent_direction(grads, grads, rho=2.0)
   np.testing.assert_allclose(p.epsilon["x"], [1.2, 0.0], rtol=1e-6)
   np.testing.assert_allclose(p.epsilon["y"], [[1.6]], rtol=1e-6)
-  np.testing.assert_allclose(p.grad_norm, 5.0)
+  np.testing.assert_allclose(p.ascent_norm, 5.0)
+  np.testing.assert_allclose(p.radius, 2.0)
 
 
 def test_asam_matches_hand_formula():
@@ -95,10 +98,15 @@ def test_zero_gradient_gives_zero_perturbation(adaptive, eps):
                                  eps=eps)
   for leaf in jax.tree.leaves(p.epsilon):
     np.testing.assert_array_equal(leaf, 0.0)
-  assert float(p.grad_norm) == 0.0
-  # Also under jit and through the gradient of the norm's argument.
-  jitted = jax.jit(lambda g: sam_optax.ascent_direction(g, g, 0.05).epsilon)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jitted(zeros)))
+  assert float(p.ascent_norm) == 0.0 and float(p.radius) == 0.0
+  # Also under jit, and differentiated: the guarded division must not put a
+  # NaN in the gradient of ε (jnp.where's unselected branch would).
+  def sum_of_eps(g):
+    return optax.tree.sum(sam_optax.ascent_direction(
+        g, g, 0.05, adaptive=adaptive, eps=eps).epsilon)
+  value, grad = jax.jit(jax.value_and_grad(sum_of_eps))(zeros)
+  assert float(value) == 0.0
+  chex.assert_tree_all_finite(grad)
 
 
 def test_mask_excludes_leaves_from_perturbation_and_norm():
@@ -113,7 +121,7 @@ def test_mask_excludes_leaves_from_perturbation_and_norm():
     p = sam_optax.ascent_direction(grads, grads, 1.0, mask=mask)
     np.testing.assert_allclose(p.epsilon["kernel"], [[0.6, 0.8]], rtol=1e-6)
     np.testing.assert_array_equal(p.epsilon["bias"], [0.0])
-    np.testing.assert_allclose(p.grad_norm, 5.0, rtol=1e-6)
+    np.testing.assert_allclose(p.ascent_norm, 5.0, rtol=1e-6)
 
 
 def test_prefix_mask_and_sam_on():
@@ -122,7 +130,7 @@ def test_prefix_mask_and_sam_on():
   p = sam_optax.ascent_direction(grads, grads, 1.0,
                                  mask={"enc": True, "head": False})
   np.testing.assert_array_equal(p.epsilon["head"], 0.0)
-  np.testing.assert_allclose(p.grad_norm, np.sqrt(6.0), rtol=1e-6)
+  np.testing.assert_allclose(p.ascent_norm, np.sqrt(6.0), rtol=1e-6)
   # SAM-ON: perturb only the normalisation parameters (1-D leaves here).
   only_norm = sam_optax.path_mask(lambda path, leaf: jnp.ndim(leaf) == 1)
   p = sam_optax.ascent_direction(grads, grads, 1.0, mask=only_norm)
@@ -166,7 +174,66 @@ def test_low_precision_norm_is_accumulated_in_float32(dtype):
   # 512 entries of 300: ‖g‖² = 4.6e7 overflows float16 (max 65504).
   grads = {"w": jnp.full((512,), 300.0, dtype)}
   p = sam_optax.ascent_direction(grads, grads, 0.05)
-  assert p.grad_norm.dtype == jnp.float32
+  assert p.ascent_norm.dtype == jnp.float32
   assert p.epsilon["w"].dtype == jnp.float32
-  np.testing.assert_allclose(p.grad_norm, 300.0 * np.sqrt(512), rtol=1e-3)
+  np.testing.assert_allclose(p.ascent_norm, 300.0 * np.sqrt(512), rtol=1e-3)
   np.testing.assert_allclose(global_norm(p.epsilon), 0.05, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_eps_enters_the_denominator(adaptive):
+  # A large eps makes its place in the formula visible: ρ·Tg/(‖Tg‖ + eps).
+  w = jnp.array([1.0, -2.0, 0.5])
+  g = jnp.array([3.0, 0.0, 4.0])
+  t = jnp.abs(w) + 0.01 if adaptive else jnp.ones(3)
+  for eps in (0.0, 0.5, 5.0):
+    p = sam_optax.ascent_direction({"w": g}, {"w": w}, 0.3, eps=eps,
+                                   adaptive=adaptive, eta=0.01)
+    norm = jnp.linalg.norm(t * g)
+    np.testing.assert_allclose(p.epsilon["w"], 0.3 * t * t * g / (norm + eps),
+                               rtol=1e-6)
+    np.testing.assert_allclose(p.radius, 0.3 * norm / (norm + eps), rtol=1e-6)
+
+
+def test_exact_norms_are_opt_in_and_exact_for_asam():
+  w = {"k": jnp.array([[1.0, -2.0], [0.5, 0.0]]), "b": jnp.array([0.3, -1.0])}
+  g = {"k": jnp.array([[0.2, 1.0], [-3.0, 0.4]]), "b": jnp.array([1.0, 2.0])}
+  rho, eta = 0.7, 0.05
+  cheap = sam_optax.ascent_direction(g, w, rho, adaptive=True, eta=eta)
+  assert cheap.grad_norm is None and cheap.norm is None
+  p = sam_optax.ascent_direction(g, w, rho, adaptive=True, eta=eta,
+                                 exact_norms=True)
+  chex.assert_trees_all_equal(p.epsilon, cheap.epsilon)
+  t = jax.tree.map(lambda x: jnp.abs(x) + eta, w)
+  np.testing.assert_allclose(p.grad_norm, global_norm(g), rtol=1e-6)
+  np.testing.assert_allclose(p.norm, global_norm(p.epsilon), rtol=1e-6)
+  np.testing.assert_allclose(
+      p.ascent_norm, global_norm(jax.tree.map(jnp.multiply, t, g)),
+      rtol=1e-6)
+  np.testing.assert_allclose(
+      p.radius, global_norm(jax.tree.map(jnp.divide, p.epsilon, t)),
+      rtol=1e-6)
+  # For SAM the exact norms are the cheap ones.
+  s = sam_optax.ascent_direction(g, w, rho, exact_norms=True)
+  assert float(s.grad_norm) == float(s.ascent_norm)
+  assert float(s.norm) == float(s.radius)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_float64_perturbation_is_exact(adaptive):
+  # The norm is accumulated in float64 when a perturbed leaf is float64
+  # (the float32 norm gave 1.8e-8 relative error).
+  rng = np.random.default_rng(3)
+  w64 = rng.normal(size=1000) * np.exp(rng.normal(size=1000) * 3)
+  g64 = rng.normal(size=1000) * np.exp(rng.normal(size=1000) * 3)
+  t = np.abs(w64) + 0.01 if adaptive else np.ones_like(w64)
+  expected = 0.05 * t * t * g64 / np.linalg.norm(t * g64)
+  with jax.enable_x64(True):
+    grads = {"w": jnp.asarray(g64), "f32": jnp.zeros(3, jnp.float32)}
+    params = {"w": jnp.asarray(w64), "f32": jnp.ones(3, jnp.float32)}
+    p = sam_optax.ascent_direction(grads, params, 0.05, adaptive=adaptive,
+                                   eps=0.0)
+    assert p.epsilon["w"].dtype == jnp.float64
+    assert p.ascent_norm.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(p.epsilon["w"]), expected,
+                               rtol=1e-12)

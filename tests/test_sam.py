@@ -14,19 +14,10 @@ LR = 0.1
 
 
 def run_steps(tx, params, num_steps, loss=helpers.quadratic_loss, **kwargs):
-  """``num_steps`` jitted SAM steps on ``loss``; returns params and state."""
-  grad = jax.grad(loss)
-
-  @jax.jit
-  def step(params, state):
-    updates, state = tx.update(grad(params), state, params, grad_fn=grad,
-                               **kwargs)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  for _ in range(num_steps):
-    params, state = step(params, state)
-  return params, state
+  """``num_steps`` jitted SAM steps on ``loss``; the params and last state."""
+  params, states = helpers.run_steps(tx, params, num_steps,
+                                     grad=jax.grad(loss), **kwargs)
+  return params, states[-1]
 
 
 # --- Exact one-step oracles -------------------------------------------------
@@ -43,8 +34,9 @@ def test_one_sam_step_matches_hand_formula(rho):
   wrong = helpers.sam_step_reference(helpers.flat(params), LR, -rho)
   assert np.max(np.abs(helpers.flat(new) - wrong)) > 1e-4
   g = helpers.A @ helpers.flat(params)
-  np.testing.assert_allclose(state.grad_norm, jnp.linalg.norm(g), rtol=1e-6)
-  np.testing.assert_allclose(state.perturbation_norm, rho, rtol=1e-5)
+  np.testing.assert_allclose(state.ascent_norm, jnp.linalg.norm(g),
+                             rtol=1e-6)
+  np.testing.assert_allclose(state.radius, rho, rtol=1e-5)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.01, 0.5])
@@ -107,9 +99,9 @@ def test_rho_schedule_is_evaluated_at_the_step_count():
     updates, state = tx.update(g, state, params,
                                grad_fn=helpers.quadratic_grad)
     params = optax.apply_updates(params, updates)
-    norms.append(float(state.perturbation_norm))
+    norms.append(float(state.radius))
   np.testing.assert_allclose(norms, [0.0, 0.1, 0.2], atol=1e-6)
-  assert int(state.sam_count) == 3
+  assert int(state.step_count) == 3
 
 
 def test_masked_leaves_are_not_perturbed_but_updated():
@@ -150,7 +142,7 @@ def test_low_precision_params_give_low_precision_updates(dtype):
   tx = sam_optax.sam(optax.sgd(LR, momentum=0.9), rho=0.05)
   new, state = run_steps(tx, params, 2, loss=loss)
   assert all(x.dtype == dtype for x in jax.tree.leaves(new))
-  assert state.grad_norm.dtype == jnp.float32
+  assert state.ascent_norm.dtype == jnp.float32
   f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   ref, _ = run_steps(tx, f32, 2)
   chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32),
@@ -170,7 +162,7 @@ def test_bf16_achieved_perturbation_and_float32_path():
     return grad(p)
 
   for float32_path in (False, True):
-    tx = sam_optax.sam(optax.sgd(LR), rho=0.05,
+    tx = sam_optax.sam(optax.sgd(LR), rho=0.05, exact_norms=True,
                        perturb_in_float32=float32_path)
     state = tx.init(params)
     updates, state = tx.update(grad(params), state, params, grad_fn=grad_fn)
@@ -201,12 +193,17 @@ def test_unknown_extra_args_are_accepted_and_passed_on():
   tx.update(helpers.quadratic_grad(params), tx.init(params), params,
             grad_fn=helpers.quadratic_grad, value=1.0, some_flag="x")
   assert received == {"value": 1.0, "some_flag": "x"}
-  # A plain GradientTransformation base gets no extra args and still works.
-  chained = optax.chain(optax.clip_by_global_norm(1.0),
-                        sam_optax.sam(optax.sgd(LR)))
-  state = chained.init(params)
-  chained.update(helpers.quadratic_grad(params), state, params,
-                 grad_fn=helpers.quadratic_grad, unknown=3)
+  # A plain GradientTransformation base gets no extra args and still works:
+  # inside a chain the update is the SAM step of the clipped gradient's
+  # direction (clipping does not change a direction).
+  chained = optax.chain(optax.clip_by_global_norm(1e-3),
+                        sam_optax.sam(optax.sgd(LR), rho=0.05))
+  updates, _ = chained.update(helpers.quadratic_grad(params),
+                              chained.init(params), params,
+                              grad_fn=helpers.quadratic_grad, unknown=3)
+  expected = helpers.sam_step_reference(helpers.flat(params), LR, 0.05)
+  np.testing.assert_allclose(helpers.flat(params) + helpers.flat(updates),
+                             expected, rtol=1e-6, atol=1e-6)
 
 
 def test_missing_grad_fn_or_params_is_a_clear_error():
@@ -230,7 +227,7 @@ def test_grad_fn_output_must_match_params():
   with pytest.raises(ValueError, match="shape"):
     tx.update(g, state, params,
               grad_fn=lambda p: {"a": p["a"], "b": p["a"]})
-  with pytest.raises(ValueError, match="gradient passed to SAM"):
+  with pytest.raises(ValueError, match="gradient passed to sam"):
     tx.update({"a": g["a"]}, state, params, grad_fn=helpers.quadratic_grad)
   tx_aux = sam_optax.sam(optax.sgd(LR), has_aux=True)
   with pytest.raises(ValueError, match="has_aux"):
@@ -312,7 +309,7 @@ def test_inject_hyperparams_with_a_path_mask():
       mask=sam_optax.path_mask(lambda path, leaf: path == "a"))
   _, state = run_steps(tx, params, 1)
   g = helpers.quadratic_grad(params)
-  np.testing.assert_allclose(state.inner_state.grad_norm,
+  np.testing.assert_allclose(state.inner_state.ascent_norm,
                              jnp.linalg.norm(g["a"]), rtol=1e-6)
 
 
@@ -326,10 +323,12 @@ def test_state_is_stable_under_lax_cond():
     _, state = tx.update(g, state, params, grad_fn=helpers.quadratic_grad)
     return state
 
-  for flag in (True, False):
-    out = jax.jit(lambda s, f: jax.lax.cond(f, do_update, lambda s: s, s))(
-        state, flag)
-    assert int(out.sam_count) == int(flag)
+  step = jax.jit(lambda s, f: jax.lax.cond(f, do_update, lambda s: s, s))
+  # The taken branch is the plain update, the other leaves the state as is.
+  chex.assert_trees_all_close(step(state, True), do_update(state), rtol=1e-6)
+  chex.assert_trees_all_equal(step(state, False), state)
+  assert int(step(state, True).step_count) == 1
+  assert float(step(state, True).radius) == pytest.approx(0.05)
 
 
 def test_map_params_and_shape_dtype_struct_init():
@@ -402,7 +401,7 @@ def test_multisteps_runs_sam_per_micro_batch():
         lambda g, t: g + 0.5 * t, mean, trace)
     ref = jax.tree.map(lambda w, t: w - LR * t, ref, trace)
   chex.assert_trees_all_close(params, ref, rtol=1e-5, atol=1e-6)
-  assert int(state.sam_count) == 2 * k
+  assert int(state.step_count) == 2 * k
   # The wrong composition, MultiSteps(sam(base)), computes something else.
   wrong_tx = optax.MultiSteps(
       sam_optax.sam(optax.sgd(LR, momentum=0.5), rho=schedule), k)
@@ -431,7 +430,13 @@ def test_microbatched_m_sharpness_matches_per_micro_batch_reference():
   grads = [reference_sam_grad(params, xb, rho) for xb in micro]
   expected = jax.tree.map(lambda *g: -LR * sum(g) / k, *grads)
   chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(state.perturbation_norm, rho, rtol=1e-5)
+  np.testing.assert_allclose(state.radius, rho, rtol=1e-5)
+  # The logged ‖g‖ is the mean over the micro-batches (not the first one's).
+  micro_norms = [float(optax.tree.norm(jax.grad(batch_loss)(params, xb)))
+                 for xb in micro]
+  np.testing.assert_allclose(state.ascent_norm, np.mean(micro_norms),
+                             rtol=1e-5)
+  assert abs(micro_norms[0] - np.mean(micro_norms)) > 1e-3
   # ... and differs from full-batch SAM (m = 8).
   full = jax.tree.map(lambda g: -LR * g, reference_sam_grad(params, x, rho))
   diff = optax.tree.norm(optax.tree.sub(updates, full))
@@ -490,7 +495,6 @@ def test_value_and_grad_records_perturbed_loss_and_sharpness(has_aux):
 
 def test_mark_varying_outside_any_map_is_a_no_op():
   params = helpers.quadratic_params()
-  assert sam_optax.mark_varying(params, "batch") is not None
   chex.assert_trees_all_equal(sam_optax.mark_varying(params, "batch"), params)
 
 

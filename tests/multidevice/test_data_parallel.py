@@ -97,6 +97,12 @@ def _norm(tree):
                            for a in jax.tree.leaves(tree))))
 
 
+def ref_scale(w, adaptive, eta=ETA):
+  """ASAM's T = |w| + η (ones for SAM), in float64 numpy."""
+  return jax.tree.map(lambda a: np.abs(a) + eta if adaptive else
+                      np.ones_like(a), _np(w))
+
+
 def ref_epsilon(g, w, rho, adaptive, eta=ETA, eps=1e-12):
   """The SAM / ASAM perturbation, written out in float64 numpy."""
   g, w = _np(g), _np(w)
@@ -162,9 +168,15 @@ def ref_run(params, data, *, adaptive=False, rho=None, ascent="local",
     sam_grads = [_np(_ref_grad(p, *s)) for p, s in zip(perturbed, shards)]
     g_sam = jax.tree.map(lambda a: a.astype(np.float32),
                          _tree_mean(sam_grads))
+    scales = [ref_scale(w, adaptive) for _ in ascent_grads]
     info = {
         "grad_norm": np.mean([_norm(g) for g in ascent_grads]),
         "perturbation_norm": np.mean([_norm(e) for e in epsilons]),
+        # What the state logs by default: ‖Tg‖ and ‖T⁻¹ε‖ (ρ, or 0).
+        "ascent_norm": np.mean([_norm(jax.tree.map(np.multiply, t, g))
+                                for t, g in zip(scales, ascent_grads)]),
+        "radius": np.mean([_norm(jax.tree.map(np.divide, e, t))
+                           for t, e in zip(scales, epsilons)]),
         "loss": np.mean([float(_ref_loss(w, *s)) for s in shards]),
         "perturbed_loss": np.mean(
             [float(_ref_loss(p, *s)) for p, s in zip(perturbed, shards)]),
@@ -430,7 +442,7 @@ def test_pmap_sync_ascent_matches_global_reference():
   assert_close(first(params), expected)
   local, _ = ref_run(PARAMS, DATA, adaptive=adaptive)
   assert_differs(first(params), local)
-  np.testing.assert_allclose(first(state).grad_norm, info["grad_norm"],
+  np.testing.assert_allclose(first(state).ascent_norm, info["ascent_norm"],
                              rtol=1e-5)
 
 
@@ -449,7 +461,8 @@ def test_shard_map_sync_ascent_matches_global_reference(adaptive, mark):
   expected, info = ref_run(PARAMS, DATA, adaptive=adaptive, ascent="global")
   assert_close(params, expected)
   if mark:
-    np.testing.assert_allclose(state.grad_norm, info["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(state.ascent_norm, info["ascent_norm"],
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("adaptive,groups", [
@@ -465,7 +478,7 @@ def test_pmap_ascent_groups_match_group_reference(adaptive, groups):
   for other in ("local", "global"):
     ref, _ = ref_run(PARAMS, DATA, adaptive=adaptive, ascent=other)
     assert_differs(first(params), ref)
-  np.testing.assert_allclose(first(state).grad_norm, info["grad_norm"],
+  np.testing.assert_allclose(first(state).ascent_norm, info["ascent_norm"],
                              rtol=1e-5)
 
 
@@ -488,10 +501,9 @@ def test_zero_gradient_on_one_shard(adaptive, eps):
   assert_replicated((params, state))
   expected, info = ref_run(PARAMS, data, adaptive=adaptive, eps=eps)
   assert_close(first(params), expected)
-  np.testing.assert_allclose(first(state).perturbation_norm,
-                             info["perturbation_norm"], rtol=1e-5)
+  np.testing.assert_allclose(first(state).radius, info["radius"], rtol=1e-5)
   if not adaptive:  # Seven shards with ‖ε‖ = ρ, one with ε = 0.
-    np.testing.assert_allclose(first(state).perturbation_norm,
+    np.testing.assert_allclose(first(state).radius,
                                SAM_RHO * 7 / 8, rtol=1e-5)
   if eps:  # Same compiled step as the shard_map tests above.
     params, _ = run_shard_map(PARAMS, data, adaptive=adaptive, eps=eps)
@@ -503,8 +515,8 @@ def test_zero_gradient_on_every_shard_leaves_params_unchanged():
   data = make_data(zero_shards=range(N_DEV))
   params, state = run_pmap(PARAMS, data, eps=0.0)
   assert_close(first(params), PARAMS, atol=0, rtol=0)
-  assert float(first(state).grad_norm) == 0.0
-  assert float(first(state).perturbation_norm) == 0.0
+  assert float(first(state).ascent_norm) == 0.0
+  assert float(first(state).radius) == 0.0
 
 
 @pytest.mark.parametrize("cfg", [SAM_MOMENTUM, ASAM_ADAM], ids=_ids)
@@ -515,16 +527,27 @@ def test_pmap_state_is_replicated_and_logs_mean_norms(cfg):
   assert_replicated(state)
   _, info = ref_run(PARAMS, DATA, **cfg)
   s = first(state)
-  assert int(s.sam_count) == 2
+  assert int(s.step_count) == 2
+  np.testing.assert_allclose(s.ascent_norm, info["ascent_norm"], rtol=1e-5)
+  np.testing.assert_allclose(s.radius, info["radius"],
+                             rtol=1e-5)
+  if not cfg["adaptive"]:  # ‖ε_i‖ = ρ on every shard.
+    np.testing.assert_allclose(s.radius, SAM_RHO, rtol=1e-5)
+  # The mean of the local norms, not the norm of the mean gradient.
+  _, glob = ref_run(PARAMS, DATA, ascent="global", **cfg)
+  assert abs(float(s.ascent_norm) - glob["ascent_norm"]) > 0.05 * glob[
+      "ascent_norm"]
+  assert s.grad_norm is None and s.perturbation_norm is None
+
+
+def test_pmap_exact_norms_are_the_mean_local_norms():
+  _, state = run_pmap(PARAMS, DATA, exact_norms=True, **ASAM_ADAM)
+  assert_replicated(state)
+  _, info = ref_run(PARAMS, DATA, **ASAM_ADAM)
+  s = first(state)
   np.testing.assert_allclose(s.grad_norm, info["grad_norm"], rtol=1e-5)
   np.testing.assert_allclose(s.perturbation_norm, info["perturbation_norm"],
                              rtol=1e-5)
-  if not cfg["adaptive"]:  # ‖ε_i‖ = ρ on every shard.
-    np.testing.assert_allclose(s.perturbation_norm, SAM_RHO, rtol=1e-5)
-  # The mean of the local norms, not the norm of the mean gradient.
-  _, glob = ref_run(PARAMS, DATA, ascent="global", **cfg)
-  assert abs(float(s.grad_norm) - glob["grad_norm"]) > 0.05 * glob[
-      "grad_norm"]
 
 
 def test_shard_map_state_is_replicated():
@@ -532,9 +555,9 @@ def test_shard_map_state_is_replicated():
   # invariant over the axis; the logged norms are the per-shard means.
   _, state = run_shard_map(PARAMS, DATA, **SAM_MOMENTUM)
   _, info = ref_run(PARAMS, DATA, **SAM_MOMENTUM)
-  assert int(state.sam_count) == 2
-  np.testing.assert_allclose(state.grad_norm, info["grad_norm"], rtol=1e-5)
-  np.testing.assert_allclose(state.perturbation_norm, SAM_RHO, rtol=1e-5)
+  assert int(state.step_count) == 2
+  np.testing.assert_allclose(state.ascent_norm, info["ascent_norm"], rtol=1e-5)
+  np.testing.assert_allclose(state.radius, SAM_RHO, rtol=1e-5)
 
 
 def test_pmap_value_and_grad_logs_mean_losses():
@@ -559,7 +582,7 @@ def test_pmap_microbatched_is_m_sharpness_over_all_microbatches():
   assert_close(first(params), expected)
   per_device, _ = ref_run(PARAMS, DATA)
   assert_differs(first(params), per_device)
-  np.testing.assert_allclose(first(state).grad_norm, info["grad_norm"],
+  np.testing.assert_allclose(first(state).ascent_norm, info["ascent_norm"],
                              rtol=1e-5)
 
 

@@ -209,7 +209,7 @@ def test_data_parallel_jit_with_named_shardings():
   params, state = run(step, params, state, x, y)
   assert_close(params, reference(N_DEV))
   assert max_abs_diff(params, reference(N_DEV, "global")) > 1e-3
-  assert int(state.sam_count) == STEPS
+  assert int(state.step_count) == STEPS
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])

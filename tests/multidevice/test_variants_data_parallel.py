@@ -28,7 +28,7 @@ RHO = 0.1
 ALPHA = 0.5
 K = 2
 MOMENTUM = 0.9
-SIGMA, LMBDA = 1.0, 0.6
+SIGMA, DECAY = 1.0, 0.6
 MESH = Mesh(np.array(jax.devices()), ("batch",))
 
 
@@ -61,10 +61,10 @@ TXS = {
     "gsam": lambda: sam_optax.gsam(optax.sgd(LR), rho=RHO, alpha=ALPHA,
                                    axis_name="batch"),
     "looksam": lambda: sam_optax.looksam(
-        optax.sgd(LR, momentum=MOMENTUM), rho=RHO, k=K, alpha=ALPHA,
+        optax.sgd(LR, momentum=MOMENTUM), rho=RHO, every_k=K, alpha=ALPHA,
         axis_name="batch"),
     "friendly_sam": lambda: sam_optax.friendly_sam(
-        optax.sgd(LR), rho=RHO, sigma=SIGMA, lmbda=LMBDA, axis_name="batch"),
+        optax.sgd(LR), rho=RHO, sigma=SIGMA, decay=DECAY, axis_name="batch"),
 }
 STEPS = {"gsam": 2, "looksam": 4, "friendly_sam": 3}
 
@@ -115,7 +115,7 @@ def reference(name, data=DATA, steps=None, variant=None):
     g_mean = np.mean(g, axis=0)
     if name == "friendly_sam":
       d = [(g_mean if variant == "global" else gi) - SIGMA * ema for gi in g]
-      ema = g_mean if t == 0 else LMBDA * ema + (1 - LMBDA) * g_mean
+      ema = g_mean if t == 0 else DECAY * ema + (1 - DECAY) * g_mean
     else:
       d = g
     if name != "looksam" or t % K == 0:
@@ -241,14 +241,14 @@ def test_pmap_matches_per_shard_reference_with_replicated_state(name):
   expected, cache = reference(name)
   assert_close(first(params), expected)
   s = first(state)
-  assert int(s.sam_count) == STEPS[name]
+  assert int(s.step_count) == STEPS[name]
   if name == "looksam":  # g_v from the device-averaged g and g_s.
-    np.testing.assert_allclose(vec(s.orthogonal_grad),
+    np.testing.assert_allclose(vec(s.method_state.orthogonal_grad),
                                cache["orthogonal_grad"], rtol=1e-4,
                                atol=1e-6)
-    assert float(s.perturbation_norm) == 0.0  # Last step reused g_v.
+    assert float(s.radius) == 0.0  # Last step reused g_v.
   if name == "friendly_sam":  # The EMA of the device-averaged gradients.
-    np.testing.assert_allclose(vec(s.grad_ema), cache["grad_ema"],
+    np.testing.assert_allclose(vec(s.method_state.grad_ema), cache["grad_ema"],
                                rtol=1e-5, atol=1e-6)
   # The problem tells the per-shard semantics from the global ones.
   glob, _ = reference(name, variant="global")

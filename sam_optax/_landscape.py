@@ -1,13 +1,10 @@
-r"""Sharpness diagnostics: the top Hessian eigenvalue and loss landscapes.
+r"""Loss landscapes: 1-D and 2-D slices along filter-normalised directions.
 
-Two standard ways to see what SAM does to the minimum it finds: the largest
-eigenvalue of the Hessian of the training loss (smaller = flatter; Foret et
-al. 2021 report it), and 1-D/2-D slices of the loss along random,
-filter-normalised directions (Li et al. 2018). Everything here takes a
-``loss_fn(params) -> scalar`` (close over the batch or the whole training
-set) and works on any pytree of params. The functions compile their work
-(keyed on the ``loss_fn`` object, so reuse one function to reuse the
-compilation) and can also be called inside ``jax.jit``.
+The loss along random directions through a minimum, each direction rescaled
+filter by filter to the weights' norms (Li et al. 2018), so that plots of
+different networks, or of the same network trained by SGD and by SAM, are
+comparable. Everything takes a ``loss_fn(params) -> scalar`` (close over the
+batch or the whole training set) and works on any pytree of params.
 """
 
 from __future__ import annotations
@@ -18,181 +15,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from sam_optax import _compile, _tree
+
 LossFn = Callable[[Any], jax.Array]
-
-
-def _is_float(leaf: Any) -> bool:
-  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-
-
-def _dot(a: Any, b: Any) -> jax.Array:
-  """⟨a, b⟩ over the float leaves, accumulated in float32 (or float64)."""
-  total = jnp.zeros([], jnp.float32)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    if _is_float(x):
-      dtype = jnp.promote_types(x.dtype, jnp.float32)
-      total = total + jnp.sum(x.astype(dtype) * y.astype(dtype))
-  return total
-
-
-def _scale(tree: Any, scalar: jax.Array) -> Any:
-  return jax.tree.map(
-      lambda x: (x * scalar).astype(x.dtype) if _is_float(x) else x, tree)
-
-
-def _safe_inverse(x: jax.Array) -> jax.Array:
-  positive = x > 0
-  return jnp.where(positive, 1.0 / jnp.where(positive, x, 1.0), 0.0)
-
-
-def _random_like(key: jax.Array, params: Any) -> Any:
-  """Standard normals shaped like the float leaves (zeros elsewhere).
-
-  One draw for the whole tree, cut into leaves: a single random-bits
-  computation to compile, however many leaves there are.
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  sizes = [int(np.prod(jnp.shape(w))) if _is_float(w) else 0
-           for w in leaves]
-  flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-  out, start = [], 0
-  for w, size in zip(leaves, sizes):
-    if _is_float(w):
-      piece = flat[start:start + size].reshape(jnp.shape(w))
-      out.append(piece.astype(jnp.result_type(w)))
-    else:
-      out.append(jnp.zeros_like(w))
-    start += size
-  return jax.tree.unflatten(treedef, out)
-
-
-def hessian_vector_product(loss_fn: LossFn, params: Any, vector: Any) -> Any:
-  r"""Computes :math:`H v`, the Hessian of ``loss_fn`` at ``params`` times v.
-
-  Forward-over-reverse (``jax.jvp`` of ``jax.grad``): the cost of about two
-  gradients, and no Hessian is ever formed.
-
-  Args:
-    loss_fn: ``loss_fn(params) -> scalar``.
-    params: where the Hessian is taken.
-    vector: a pytree like ``params``.
-
-  Returns:
-    :math:`H v`, a pytree like ``params``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from sam_optax import diagnostics
-    >>> loss = lambda w: 0.5 * w @ jnp.diag(jnp.array([1.0, 3.0])) @ w
-    >>> diagnostics.hessian_vector_product(loss, jnp.ones(2), jnp.ones(2))
-    Array([1., 3.], dtype=float32)
-  """
-  return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
-
-
-class HessianEigenpair(NamedTuple):
-  """The result of :func:`top_hessian_eigenvalue`.
-
-  Attributes:
-    eigenvalue: the Rayleigh quotient :math:`v^\\top H v` of the final
-      iterate, a float32 (or float64) scalar.
-    eigenvector: the final iterate v, a unit-norm pytree like the params.
-  """
-
-  eigenvalue: jax.Array  # shape=(), dtype=jnp.float32
-  eigenvector: Any
-
-
-def top_hessian_eigenvalue(
-    loss_fn: LossFn,
-    params: Any,
-    *,
-    num_iters: int = 20,
-    key: jax.Array,
-) -> HessianEigenpair:
-  r"""The dominant eigenvalue of the Hessian, by power iteration.
-
-  Starting from a random unit vector :math:`v_0`, iterates
-  :math:`v_{i+1} = H v_i / \|H v_i\|_2` with Hessian-vector products
-  (:func:`hessian_vector_product`, inside a ``lax.fori_loop``) and returns the
-  Rayleigh quotient :math:`\lambda = v^\top H v` of the last iterate. The
-  error shrinks like :math:`(\lambda_2/\lambda_1)^{2i}`: raise ``num_iters``
-  when the top of the spectrum is crowded.
-
-  The iteration is compiled with ``loss_fn`` as a static argument: calling
-  again with the same function object (and params of the same shapes)
-  reuses the compiled program.
-
-  Power iteration finds the eigenvalue of largest *magnitude*. Near a minimum
-  that is the largest one (the Hessian is close to positive semi-definite);
-  far from it a large negative eigenvalue may win, and the result is then
-  negative.
-
-  Args:
-    loss_fn: ``loss_fn(params) -> scalar``. Use a fixed batch (or the whole
-      training set): a loss that changes between calls has no Hessian.
-    params: where the Hessian is taken.
-    num_iters: number of Hessian-vector products in the iteration (one more
-      is spent on the final Rayleigh quotient).
-    key: a PRNG key for :math:`v_0`.
-
-  Returns:
-    A :class:`HessianEigenpair` ``(eigenvalue, eigenvector)``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> from sam_optax import diagnostics
-    >>> loss = lambda w: 0.5 * w @ jnp.diag(jnp.array([4.0, 1.0, 0.5])) @ w
-    >>> lam, v = diagnostics.top_hessian_eigenvalue(
-    ...     loss, jnp.zeros(3), num_iters=30, key=jax.random.key(0))
-    >>> round(float(lam), 4)
-    4.0
-
-  References:
-    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
-    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021 (Hessian
-    spectra of SAM and SGD minima).
-  """
-  return _call_jitted(_power_iteration, loss_fn, params, key, num_iters)
-
-
-def _call_jitted(impl: Callable[..., Any], loss_fn: LossFn, *args: Any
-                 ) -> Any:
-  """Runs ``impl(loss_fn, *args)`` compiled, ``loss_fn`` static if it can be.
-
-  A hashable ``loss_fn`` (any function) is a static argument of a module-
-  level ``jax.jit``: calling again with the same function object reuses the
-  compiled program. Params and directions are arguments, never constants
-  baked into the program.
-  """
-  try:
-    hash(loss_fn)
-  except TypeError:
-    return jax.jit(functools.partial(impl, loss_fn))(*args)
-  return _JITTED[impl](loss_fn, *args)
-
-
-def _power_iteration(loss_fn, params, key, num_iters):
-  """The body of :func:`top_hessian_eigenvalue`."""
-
-  def hvp(v):
-    return hessian_vector_product(loss_fn, params, v)
-
-  def body(_, v):
-    hv = hvp(v)
-    norm = jnp.sqrt(_dot(hv, hv))
-    # If Hv = 0 (v in the null space), keep v: its Rayleigh quotient is 0.
-    return jax.tree.map(
-        lambda new, old: jnp.where(norm > 0, new, old),
-        _scale(hv, _safe_inverse(norm)), v)
-
-  v = _random_like(key, params)
-  v = _scale(v, _safe_inverse(jnp.sqrt(_dot(v, v))))
-  v = lax.fori_loop(0, num_iters, body, v)
-  return HessianEigenpair(_dot(v, hvp(v)), v)
 
 
 def filter_normalized_direction(
@@ -252,10 +79,9 @@ def _filter_normalized_direction(key, params, filter_axis, ignore_1d):
   """The jitted body of :func:`filter_normalized_direction`."""
 
   def normalize(d, w):
-    if not _is_float(w):
+    if not _tree.is_float(w):
       return d
-    w32 = jnp.asarray(w).astype(jnp.promote_types(w.dtype, jnp.float32))
-    d32 = d.astype(w32.dtype)
+    w32, d32 = _tree.to_compute(w), _tree.to_compute(d)
     if w32.ndim >= 2:
       axis = filter_axis % w32.ndim
       axes = tuple(a for a in range(w32.ndim) if a != axis)
@@ -265,9 +91,10 @@ def _filter_normalized_direction(key, params, filter_axis, ignore_1d):
       axes = None
     w_norm = jnp.sqrt(jnp.sum(jnp.square(w32), axis=axes, keepdims=True))
     d_norm = jnp.sqrt(jnp.sum(jnp.square(d32), axis=axes, keepdims=True))
-    return (d32 * w_norm * _safe_inverse(d_norm)).astype(d.dtype)
+    return (d32 * _tree.safe_div(w_norm, d_norm)).astype(d.dtype)
 
-  return jax.tree.map(normalize, _random_like(key, params), params)
+  return jax.tree.map(normalize, _tree.normal_like(key, params),
+                      params)
 
 
 class Landscape1D(NamedTuple):
@@ -302,15 +129,16 @@ class Landscape2D(NamedTuple):
   directions: tuple[Any, Any]
 
 
-def _losses_along(loss_fn: LossFn, params: Any, directions: tuple[Any, ...],
-                  coefficients: jax.Array) -> jax.Array:
+def _losses_along_impl(loss_fn: LossFn, params: Any,
+                       directions: tuple[Any, ...],
+                       coefficients: jax.Array) -> jax.Array:
   """``L(w + Σ_k c[n, k] d_k)`` for every row n, one point at a time."""
 
   def at(c):
     def shift(w, *d):
-      if not _is_float(w):
+      if not _tree.is_float(w):
         return w
-      out = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+      out = _tree.to_compute(w)
       for ck, dk in zip(c, d):
         out = out + ck.astype(out.dtype) * dk.astype(out.dtype)
       return out.astype(w.dtype)
@@ -321,21 +149,13 @@ def _losses_along(loss_fn: LossFn, params: Any, directions: tuple[Any, ...],
   return lax.map(at, coefficients)
 
 
-_JITTED = {impl: jax.jit(impl, static_argnums=0)
-           for impl in (_power_iteration, _losses_along)}
+_losses_along = _compile.jit_with_static_loss(_losses_along_impl)
 
 
 def loss_landscape_1d(
-    loss_fn: LossFn,
-    params: Any,
-    key: jax.Array,
-    num_points: int = 21,
-    span: float = 1.0,
-    *,
-    direction: Any = None,
-    filter_axis: int = -1,
-    ignore_1d: bool = True,
-) -> Landscape1D:
+    loss_fn: LossFn, params: Any, key: jax.Array, num_points: int = 21,
+    span: float = 1.0, *, direction: Any = None, filter_axis: int = -1,
+    ignore_1d: bool = True) -> Landscape1D:
   r"""The loss along a filter-normalised random line through ``params``.
 
   Evaluates :math:`L(w + t\,d)` for ``num_points`` values of t evenly spaced
@@ -380,22 +200,15 @@ def loss_landscape_1d(
     direction = filter_normalized_direction(
         key, params, filter_axis=filter_axis, ignore_1d=ignore_1d)
   coordinates = jnp.linspace(-span, span, num_points, dtype=jnp.float32)
-  losses = _call_jitted(_losses_along, loss_fn, params, (direction,),
+  losses = _losses_along(loss_fn, params, (direction,),
                         coordinates[:, None])
   return Landscape1D(coordinates, losses, direction)
 
 
 def loss_landscape_2d(
-    loss_fn: LossFn,
-    params: Any,
-    key: jax.Array,
-    num_points: int = 21,
-    span: float = 1.0,
-    *,
-    directions: tuple[Any, Any] | None = None,
-    filter_axis: int = -1,
-    ignore_1d: bool = True,
-) -> Landscape2D:
+    loss_fn: LossFn, params: Any, key: jax.Array, num_points: int = 21,
+    span: float = 1.0, *, directions: tuple[Any, Any] | None = None,
+    filter_axis: int = -1, ignore_1d: bool = True) -> Landscape2D:
   r"""The loss on a filter-normalised random plane through ``params``.
 
   Evaluates :math:`L(w + x\,d_1 + y\,d_2)` on a ``num_points`` ×
@@ -440,7 +253,7 @@ def loss_landscape_2d(
   y = jnp.linspace(-span, span, num_points, dtype=jnp.float32)
   xx, yy = jnp.meshgrid(x, y)  # xx[j, i] = x[i], yy[j, i] = y[j].
   grid = jnp.stack([xx.ravel(), yy.ravel()], axis=1)
-  losses = _call_jitted(_losses_along, loss_fn, params, tuple(directions),
+  losses = _losses_along(loss_fn, params, tuple(directions),
                         grid)
   return Landscape2D(x, y, losses.reshape(num_points, num_points),
                      tuple(directions))
