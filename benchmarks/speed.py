@@ -42,7 +42,7 @@ aliased + temp (XLA:CPU's own ``peak_memory_in_bytes`` leaves out temp).
 
 Run (from the repository root; needs flax)::
 
-  python benchmarks/speed.py --quick      # 3 models, 2.5-6 min on 2 CPU cores
+  python benchmarks/speed.py --quick      # 3 models, 2-6 min on 2 CPU cores
   python benchmarks/speed.py              # all models, more rounds
   python benchmarks/speed.py --models mlp-s mlp-l \\
       --variants hand_asam sam_optax_asam --default-schedule-only  # ASAM only
@@ -627,7 +627,7 @@ def main(argv=None):
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help=f"models {', '.join(QUICK_MODELS)}, 8 rounds of "
-                      "~0.05 s samples (2.5-6 min on 2 shared CPU cores, "
+                      "~0.05 s samples (2-6 min on 2 shared CPU cores, "
                       "mostly compiling)")
   parser.add_argument("--models", nargs="+", choices=list(_models.MODELS),
                       help="models to run (default: all, or the quick set)")
