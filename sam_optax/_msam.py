@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax import _eval_params, _gradient, _skeleton, _tree, _validation
@@ -143,7 +144,7 @@ def msam(
     >>> float(jnp.linalg.norm(params - clean))  # the held params carry ε
     0.5
     >>> clean.round(4)
-    Array([0.6831, 0.6831], dtype=float32)
+    Array([0.7471, 0.7471], dtype=float32)
 
   References:
     Becker, Altrock and Risse, `Momentum-SAM: Sharpness Aware Minimization
@@ -152,8 +153,8 @@ def msam(
     ``optimizer/adamW_msam.py``).
   """
   _validation.check_non_negative("weight_decay", weight_decay)
-  if learning_rate is None and not (
-      isinstance(weight_decay, (int, float)) and weight_decay == 0):
+  if (learning_rate is None and not isinstance(weight_decay, jax.core.Tracer)
+      and np.any(np.asarray(weight_decay) != 0)):
     raise ValueError("msam: weight_decay needs the learning_rate it is "
                      "scaled by (learning_rate=...).")
 
