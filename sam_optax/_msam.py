@@ -23,9 +23,12 @@ class MSAMState(NamedTuple):
       perturbation the held params carry, :math:`\epsilon = -c\, v`, with
       :math:`v` the base optimizer's current momentum (0 before the first
       step: the first gradient is taken at :math:`w_0`).
+    momentum_norm: :math:`\|v\|_2` (logged as the next step's
+      ``ascent_norm``; kept so that no step norms the momentum twice).
   """
 
   perturbation_scale: jax.Array  # shape=(), dtype=jnp.float32
+  momentum_norm: jax.Array  # shape=(), dtype=jnp.float32
 
 
 def _momentum(base_state: Any) -> Any:
@@ -158,15 +161,8 @@ def msam(
     raise ValueError("msam: weight_decay needs the learning_rate it is "
                      "scaled by (learning_rate=...).")
 
-  def scale_of(v, rho_t):
-    """c = ρ / (‖v‖ + eps), so that ε = -c v."""
-    v_norm = _tree.norm(v).astype(jnp.float32)
-    return jnp.asarray(rho_t, jnp.float32) / (
-        v_norm + jnp.asarray(eps, jnp.float32))
-
   def rule(step, method_state):
-    v_old = _momentum(step.base_state)
-    v_norm = _tree.norm(v_old).astype(jnp.float32)
+    v_norm = method_state.momentum_norm
     radius = method_state.perturbation_scale * v_norm
     info = _gradient.SAMInfo(v_norm, radius, None, None, None)
     return step.pmean(step.grads), method_state, info
@@ -175,7 +171,9 @@ def msam(
     v_old = _momentum(step.base_state)
     v_new = _momentum(base_state)
     c_old = method_state.perturbation_scale
-    c_new = scale_of(v_new, step.rho)
+    v_norm = _tree.norm(v_new).astype(jnp.float32)
+    c_new = jnp.asarray(step.rho, jnp.float32) / (  # ε = -c v
+        v_norm + jnp.asarray(eps, jnp.float32))
     u = _tree.to_compute(updates)
     if learning_rate is not None:
       lr = _skeleton.rho_at(learning_rate, step.step_count, step.base_state)
@@ -187,12 +185,13 @@ def msam(
     new_updates = jax.tree.map(
         lambda u, a, b, ref: (u + c_old * a - c_new * b).astype(ref.dtype),
         u, _tree.to_compute(v_old), _tree.to_compute(v_new), updates)
-    return new_updates, MSAMState(c_new)
+    return new_updates, MSAMState(c_new, v_norm)
 
   return _skeleton.transformation(
       "msam", base_tx, rule, rho, _gradient.AscentOptions(eps=eps),
       axis_name=axis_name, needs_grad_fn=False, finish=finish,
-      init_method_state=lambda params: MSAMState(jnp.zeros([], jnp.float32)))
+      init_method_state=lambda params: MSAMState(
+          jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)))
 
 
 _eval_params.register(MSAMState, _unperturb)

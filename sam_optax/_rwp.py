@@ -162,11 +162,14 @@ def rwp(
     zero = jnp.zeros([], jnp.float32)
     info = _gradient.SAMInfo(zero, _tree.norm(eps).astype(jnp.float32),
                              None, None, None)
-    return step.pmean(step.grads), method_state, info
+    # ε_t goes on to ``finish`` with the state (the skeleton hands the rule's
+    # method state to ``finish``; only ``finish``'s is kept): drawn once, not
+    # twice (XLA does not merge the two draws; measured 1.5x the step time).
+    return step.pmean(step.grads), (method_state, eps), info
 
   def finish(step, updates, base_state, method_state):
+    method_state, old = method_state
     key, count = method_state.key, step.step_count
-    old = noise(key, count, method_state.noise_std, step.params)
     clean = jax.tree.map(lambda p, e: _tree.to_compute(p) - e, step.params,
                          old)
     u = _tree.to_compute(updates)
