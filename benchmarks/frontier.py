@@ -87,7 +87,7 @@ def _rhos(*values):
   return tuple({"rho": v} for v in values)
 
 
-SAM_RHOS = _rhos(0.05, 0.2, 0.5)
+SAM_RHOS = _rhos(0.1, 0.3, 0.5, 0.8)
 METHODS = {
     "sgd": Method(lambda b, h, n: optax.with_extra_args_support(b),
                   one_gradient=True),
@@ -95,7 +95,7 @@ METHODS = {
                      one_gradient=True, epochs=2),
     "sam": Method(lambda b, h, n: sam_optax.sam(b, rho=h["rho"]), SAM_RHOS),
     "asam": Method(lambda b, h, n: sam_optax.sam(
-        b, rho=h["rho"], adaptive=True, eta=0.01), _rhos(0.5, 1.5, 3.0)),
+        b, rho=h["rho"], adaptive=True, eta=0.01), _rhos(1.0, 3.0, 6.0)),
     "gsam": Method(lambda b, h, n: sam_optax.gsam(b, rho=h["rho"]),
                    SAM_RHOS),
     "looksam": Method(lambda b, h, n: sam_optax.looksam(
@@ -103,15 +103,16 @@ METHODS = {
     "friendly_sam": Method(
         lambda b, h, n: sam_optax.friendly_sam(b, rho=h["rho"]), SAM_RHOS),
     "msam": Method(lambda b, h, n: sam_optax.msam(b, rho=h["rho"]),
-                   _rhos(0.3, 1.0, 3.0), one_gradient=True),
+                   _rhos(1.0, 3.0, 6.0, 10.0), one_gradient=True),
     "rwp": Method(lambda b, h, n: sam_optax.rwp(b, std=h["rho"]),
-                  _rhos(0.005, 0.02, 0.05), one_gradient=True),
+                  _rhos(0.02, 0.05, 0.1, 0.2), one_gradient=True),
     "rst": Method(lambda b, h, n: sam_optax.rst(
         b, rho=h["rho"], probability=h["p"]),
-        tuple({"rho": r, "p": p} for r in (0.2, 0.5) for p in (0.25, 0.5))),
+        tuple({"rho": r, "p": p} for r in (0.3, 0.5, 0.8)
+              for p in (0.25, 0.5))),
     "ae_sam": Method(lambda b, h, n: sam_optax.ae_sam(
         b, rho=h["rho"], threshold=optax.linear_schedule(1.0, -1.0, n)),
-        SAM_RHOS),
+        _rhos(0.3, 0.5, 0.8)),
 }
 
 
@@ -451,7 +452,7 @@ def main(argv=None):
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help="40%% noise only, 2 seeds, 20 epochs")
-  parser.add_argument("--epochs", type=int, help="default 60 (quick 20)")
+  parser.add_argument("--epochs", type=int, help="default 40 (quick 20)")
   parser.add_argument("--seeds", type=int, help="default 3 (quick 2)")
   parser.add_argument("--rounds", type=int,
                       help="timing rounds (default 30; quick 15)")
@@ -461,7 +462,7 @@ def main(argv=None):
                       help="write benchmarks/results/frontier.{json,md,png}")
   args = parser.parse_args(argv)
   argv_used = list(sys.argv[1:] if argv is None else argv)
-  epochs = args.epochs or (20 if args.quick else 60)
+  epochs = args.epochs or (20 if args.quick else 40)
   seeds = list(range(args.seeds or (2 if args.quick else 3)))
   rounds = args.rounds or (15 if args.quick else 30)
   noise_levels = [0.4] if args.quick else [0.2, 0.4, 0.6]
