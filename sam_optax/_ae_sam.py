@@ -55,8 +55,8 @@ def ae_sam(
   Args:
     base_tx: the optimizer that applies the gradient.
     rho: the radius ρ ≥ 0 or a schedule of the step.
-    threshold: :math:`c_t`, a number or a schedule of the step (default 0:
-      SAM on about half the steps).
+    threshold: :math:`c_t`, a number or a schedule of the update count
+      (default 0: SAM on about half the steps); may be negative.
     decay: δ in [0, 1], the decay of the running moments (paper: 0.9).
     **options: ``sam``'s options (``adaptive``, ``eta``, ``eps``, ``mask``,
       ``adaptive_mask``, ``axis_name``, ``has_aux``, ``value_and_grad``,
@@ -105,7 +105,8 @@ def ae_sam(
     d = jnp.asarray(decay, jnp.float32)
     mean = d * method_state.sq_norm_mean + (1 - d) * sq_norm
     var = d * method_state.sq_norm_var + (1 - d) * jnp.square(sq_norm - mean)
-    c = _skeleton.rho_at(threshold, step.step_count, step.base_state)
+    # Not rho_at: a threshold may be negative (the paper's ends at -1).
+    c = threshold(step.step_count) if callable(threshold) else threshold
     use_sam = sq_norm >= mean + jnp.asarray(c, jnp.float32) * jnp.sqrt(var)
 
     def base_step():

@@ -234,6 +234,12 @@ def _draws(key, t):
 
 
 def rwp_reference(sigma, seed, num_steps, lr=LR, bug=None):
+  """See below; ``sigma`` may be a function of the step."""
+  return _rwp_reference(sigma if callable(sigma) else lambda t: sigma,
+                        seed, num_steps, lr, bug)
+
+
+def _rwp_reference(sigma, seed, num_steps, lr=LR, bug=None):
   """SGD on ∇L(w + ε_t); ε_t[:, j] ~ N(0, σ²|w_t[:, j]|²), bias: σ|b_t|.
 
   The normals are the documented draws: ``split(fold_in(PRNGKey(seed), t),
@@ -261,12 +267,14 @@ def rwp_reference(sigma, seed, num_steps, lr=LR, bug=None):
     filters = np.sqrt(np.sum(a * a, axis=axis))
     if bug == "row_filters":
       filters = filters[:, None]
-    std = (sigma * filters, sigma * np.abs(w[4:]))
+    s = sigma(t + 1)  # ε_{t+1} is drawn with σ at the step it serves.
+    std = (s * filters, s * np.abs(w[4:]))
   return held, clean
 
 
-def test_rwp_exact_formula():
-  sigma = 0.2
+@pytest.mark.parametrize("schedule", [False, True])
+def test_rwp_exact_formula(schedule):
+  sigma = (lambda t: 0.1 * (1.0 + t)) if schedule else 0.2
   tx = sam_optax.rwp(optax.sgd(LR), std=sigma, seed=3)
 
   @jax.jit
@@ -437,6 +445,20 @@ def test_ae_sam_exact_formula_and_cost():
                                rtol=1e-5)
     np.testing.assert_allclose(float(s.method_state.sq_norm_var), var,
                                rtol=1e-4)
+
+
+def test_ae_sam_threshold_schedule_is_read_at_the_step():
+  # c = -10 on even steps (always SAM), +10 on odd ones (never, here).
+  n, decay = 6, 0.6
+  parity = lambda t: jnp.where(t % 2 == 0, -10.0, 10.0)  # noqa: E731
+  out, states, calls = counting_run(
+      sam_optax.ae_sam(optax.sgd(LR), rho=RHO, threshold=parity,
+                       decay=decay), n)
+  ref, used = ae_sam_reference(lambda t: float(parity(t)), decay, n)
+  assert used == [True, False] * (n // 2)
+  assert [float(s.radius) > 0 for s in states] == used
+  assert calls == n // 2
+  assert_close_all(out, ref)
 
 
 def test_ae_sam_huge_threshold_is_base_bit_for_bit():
