@@ -32,6 +32,8 @@ real trajectory), warmed up, ``block_until_ready`` inside the timed region,
 the methods' order rotated every round, each method's time in a round the
 fastest of 3 calls (the CPU is shared: this filters contention spikes), and
 the median over rounds of the per-round ratio to SGD, with its IQR.
+The timing is repeated at batch 512 (same model), where the
+forward/backward dominates and the per-parameter extras weigh less.
 Gradient evaluations per step are counted during training (the steps whose
 SAMState radius is non-zero computed a second gradient). ``sgd_2x`` is
 SGD for twice the epochs (a SAM-matched budget): step ratio 1, cost 2.
@@ -69,6 +71,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = (64, 128, 128, 10)
 BATCH_SIZE, LR, MOMENTUM, NUM_CLASSES = 32, 0.05, 0.9, 10
 VAL_SIZE = 250
+BIG_BATCH = 512  # A second timing, closer to a compute-bound step.
 
 
 class Method(NamedTuple):
@@ -260,8 +263,8 @@ def fmt_h(h):
 # ----------------------------------------------------------------------------
 
 
-def time_steps(chosen, data, rounds, log, calls_warmup=4, steps=50,
-               repeats=3):
+def time_steps(chosen, data, rounds, log, batch_size=BATCH_SIZE,
+               calls_warmup=4, steps=50, repeats=3):
   """Median over rounds of each method's step time / SGD's, interleaved."""
   x_train, y_train = jnp.asarray(data[0]), jnp.asarray(data[1])
   n = x_train.shape[0]
@@ -280,7 +283,7 @@ def time_steps(chosen, data, rounds, log, calls_warmup=4, steps=50,
     params = init_mlp(key)
     carries[name] = (params, tx.init(params), jnp.zeros([]))
   batches = np.random.default_rng(0).integers(
-      0, n, (calls_warmup + rounds, steps, BATCH_SIZE))
+      0, n, (calls_warmup + rounds, steps, batch_size))
   batches = [jnp.asarray(b) for b in batches]
   for i in range(calls_warmup):
     for name in names:
@@ -306,7 +309,7 @@ def time_steps(chosen, data, rounds, log, calls_warmup=4, steps=50,
     q = np.percentile(ratios[name], [25, 50, 75])
     out[name] = {"median": float(q[1]), "q25": float(q[0]),
                  "q75": float(q[2])}
-  log("  step time / SGD's (median [IQR]): " + ", ".join(
+  log(f"  batch {batch_size}: step time / SGD's (median): " + ", ".join(
       f"{k} {v['median']:.2f}" for k, v in out.items()))
   return out
 
@@ -363,10 +366,12 @@ def markdown(rows, settings, argv, elapsed):
       "(clean). Each method's hyperparameters chosen per noise level on the "
       "validation split; test accuracy % mean ± std over seeds; gain kept = "
       "(acc − SGD) / (SAM − SGD). Step = step time / SGD step time (median "
-      "of interleaved paired ratios, [IQR]); cost = step × epoch multiplier; "
+      "of interleaved paired ratios, [IQR]) at the training batch "
+      f"{BATCH_SIZE}; step b{BIG_BATCH}: the same at batch {BIG_BATCH}; "
+      "cost = step × epoch multiplier; "
       "grads = gradient evaluations per step (counted in training).", ""]
-  head = "| method | step [IQR] | cost | grads |"
-  sep = "|---|---|---|---|"
+  head = f"| method | step [IQR] | step b{BIG_BATCH} | cost | grads |"
+  sep = "|---|---|---|---|---|"
   for p in noise_levels:
     head += f" {p:.0%}: test acc | kept | chosen |"
     sep += "---|---|---|"
@@ -377,6 +382,7 @@ def markdown(rows, settings, argv, elapsed):
     grads = np.mean([row["noise"][p]["grads_per_step"]
                      for p in noise_levels])
     line = (f"| {name} | {row['step_ratio']:.2f}{iqr_s} | "
+            f"{row['step_ratio_big_batch']:.2f} | "
             f"{row['train_cost']:.2f} | {grads:.2f} |")
     for p in noise_levels:
       d = row["noise"][p]
@@ -455,16 +461,20 @@ def main(argv=None):
   parser.add_argument("--epochs", type=int, help="default 40 (quick 20)")
   parser.add_argument("--seeds", type=int, help="default 3 (quick 2)")
   parser.add_argument("--rounds", type=int,
-                      help="timing rounds (default 30; quick 15)")
+                      help="timing rounds (default 40; quick 15)")
   parser.add_argument("--methods", help="comma-separated subset of METHODS "
                       "(sgd and sam are always run)")
+  parser.add_argument("--retime", metavar="JSON",
+                      help="skip training: reuse the runs of an earlier "
+                      "result file and only measure the step times again "
+                      "(the CPU is shared: time when it is quiet)")
   parser.add_argument("--write", action="store_true",
                       help="write benchmarks/results/frontier.{json,md,png}")
   args = parser.parse_args(argv)
   argv_used = list(sys.argv[1:] if argv is None else argv)
   epochs = args.epochs or (20 if args.quick else 40)
   seeds = list(range(args.seeds or (2 if args.quick else 3)))
-  rounds = args.rounds or (15 if args.quick else 30)
+  rounds = args.rounds or (15 if args.quick else 40)
   noise_levels = [0.4] if args.quick else [0.2, 0.4, 0.6]
   names = list(METHODS)
   if args.methods:
@@ -486,7 +496,19 @@ def main(argv=None):
       f"{machine}")
   start = time.perf_counter()
   grid_results = {}
+  if args.retime:
+    with open(args.retime) as f:
+      old = json.load(f)
+    settings_old = old["settings"]
+    epochs, seeds = settings_old["epochs"], settings_old["seeds"]
+    noise_levels = settings_old["noise_levels"]
+    argv_used = old["argv"] + ["(re-timed: " + " ".join(argv_used) + ")"]
+    names = [n for n in names if n in old["runs"]]
+    grid_results = {n: {float(p): v for p, v in old["runs"][n].items()}
+                    for n in names}
   for i, name in enumerate(names):
+    if name in grid_results:
+      continue
     log(f"[{i + 1}/{len(names)}] {name}")
     grid_results[name] = run_grid(name, METHODS[name], epochs, data,
                                   noise_levels, seeds, log)
@@ -494,8 +516,18 @@ def main(argv=None):
   chosen = {n: grid_results[n][noise_levels[0]]["chosen"] for n in names
             if METHODS[n].epochs == 1}
   timing = time_steps(chosen, data, rounds, log)
+  log(f"timing again at batch {BIG_BATCH} (compute-bound: the elementwise "
+      "extras weigh less)")
+  timing_big = time_steps(chosen, data, max(rounds // 2, 5), log,
+                          batch_size=BIG_BATCH, steps=10)
   elapsed = time.perf_counter() - start
+  if args.retime:  # Report the training's time; the re-timing's in argv.
+    argv_used[-1] = argv_used[-1][:-1] + f" in {elapsed:.0f} s)"
+    elapsed = old["elapsed_s"]
   rows = summarize(grid_results, timing, noise_levels)
+  for name, row in rows.items():
+    big = timing_big.get(name, timing_big["sgd"])
+    row["step_ratio_big_batch"] = big["median"]
   settings = {"epochs": epochs, "seeds": seeds, "noise_levels": noise_levels,
               "machine": machine, "sizes": SIZES, "batch_size": BATCH_SIZE,
               "lr": LR, "momentum": MOMENTUM, "rounds": rounds,
@@ -508,7 +540,7 @@ def main(argv=None):
     f.write(md)
   with open(stem + ".json", "w") as f:
     json.dump({"settings": settings, "argv": argv_used, "elapsed_s": elapsed,
-               "timing": timing,
+               "timing": timing, "timing_big_batch": timing_big,
                "rows": {n: {**r, "noise": {str(p): d for p, d in
                                            r["noise"].items()}}
                         for n, r in rows.items()},
