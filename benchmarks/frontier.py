@@ -432,8 +432,11 @@ def plot(rows, noise_levels, path):
     sam = rows["sam"]["noise"][p]["test_mean"] * 100
     ax.axhline(sgd + 0.9 * (sam - sgd), color="gray", ls=":", lw=1)
     ax.axvline(1.05, color="gray", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xticks([1, 1.5, 2, 3, 5, 10])
+    ax.set_xticklabels(["1", "1.5", "2", "3", "5", "10"])
     ax.set_title(f"{p:.0%} label noise")
-    ax.set_xlabel("training cost (SGD = 1)")
+    ax.set_xlabel("training cost (SGD = 1, log scale)")
     ax.set_ylabel("test accuracy (%)")
   fig.suptitle("Quality vs cost (dotted: 1.05x SGD, 90% of SAM's gain)")
   fig.tight_layout()
