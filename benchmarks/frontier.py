@@ -404,7 +404,8 @@ def markdown(rows, settings, argv, elapsed):
       cost = row["train_cost"]
       worst = min(row["noise"][p]["gain_kept"] for p in noise_levels)
       cost_s = "ok" if cost <= 1.05 else f"over by {cost - 1.05:.2f}"
-      gain_s = ("ok" if worst >= 0.9
+      gain_s = ("n/a: SAM did not beat SGD" if np.isnan(worst)
+                else "ok" if worst >= 0.9
                 else f"short by {100 * (0.9 - worst):.0f} points")
       lines.append(f"- {name}: cost {cost:.2f}x ({cost_s}), worst gain "
                    f"kept {100 * worst:.0f}% ({gain_s})")
