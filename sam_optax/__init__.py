@@ -5,6 +5,7 @@
 """
 
 from sam_optax import diagnostics
+from sam_optax._ae_sam import AESAMState, ae_sam
 from sam_optax._eval_params import eval_params
 from sam_optax._friendly_sam import FriendlySAMState, friendly_sam
 from sam_optax._gradient import SAMInfo, sam_gradient, split_microbatches
@@ -16,7 +17,10 @@ from sam_optax._masks import (
     ndim_mask,
     path_mask,
 )
+from sam_optax._msam import MSAMState, msam
 from sam_optax._perturbation import Perturbation, ascent_direction
+from sam_optax._rst import RSTState, rst
+from sam_optax._rwp import RWPState, rwp
 from sam_optax._sam import sam
 from sam_optax._sharding import mark_varying
 from sam_optax._skeleton import SAMState
@@ -24,12 +28,17 @@ from sam_optax._skeleton import SAMState
 __version__ = "0.1.0"
 
 __all__ = (
+    "AESAMState",
     "FriendlySAMState",
     "LookSAMState",
+    "MSAMState",
     "PathMask",
+    "RSTState",
+    "RWPState",
     "Perturbation",
     "SAMInfo",
     "SAMState",
+    "ae_sam",
     "ascent_direction",
     "diagnostics",
     "eval_params",
@@ -39,8 +48,11 @@ __all__ = (
     "gsam_rho_schedule",
     "looksam",
     "mark_varying",
+    "msam",
     "ndim_mask",
     "path_mask",
+    "rst",
+    "rwp",
     "sam",
     "sam_gradient",
     "split_microbatches",
