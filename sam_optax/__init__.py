@@ -5,6 +5,7 @@
 """
 
 from sam_optax import diagnostics
+from sam_optax._esam import ESAMState, esam
 from sam_optax._eval_params import eval_params
 from sam_optax._friendly_sam import FriendlySAMState, friendly_sam
 from sam_optax._gradient import SAMInfo, sam_gradient, split_microbatches
@@ -24,6 +25,7 @@ from sam_optax._skeleton import SAMState
 __version__ = "0.1.0"
 
 __all__ = (
+    "ESAMState",
     "FriendlySAMState",
     "LookSAMState",
     "PathMask",
@@ -32,6 +34,7 @@ __all__ = (
     "SAMState",
     "ascent_direction",
     "diagnostics",
+    "esam",
     "eval_params",
     "exclude_biases",
     "friendly_sam",
