@@ -1,4 +1,4 @@
-"""ESAM: SAM on a random subset of tensors and the sharpest examples (Du et al.).
+"""ESAM: SAM on random tensors and the sharpest examples (Du et al.).
 
 Efficient SAM has two parts, both optional:
 
@@ -27,8 +27,14 @@ import numpy as np
 import optax
 from jax import lax
 
-from sam_optax import _gradient, _perturbation, _sharding, _skeleton, _tree
-from sam_optax import _validation
+from sam_optax import (
+  _gradient,
+  _perturbation,
+  _sharding,
+  _skeleton,
+  _tree,
+  _validation,
+)
 
 
 class ESAMState(NamedTuple):
@@ -302,3 +308,10 @@ def esam(
         **extra_args)
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+# sam's options in the signature (for help() and optax.inject_hyperparams),
+# less the two that esam sets itself.
+esam.__signature__ = esam.__signature__.replace(parameters=[
+    p for p in esam.__signature__.parameters.values()
+    if p.name not in ("has_aux", "value_and_grad")])
