@@ -18,6 +18,16 @@ from sam_optax._masks import (
     path_mask,
 )
 from sam_optax._perturbation import Perturbation, ascent_direction
+from sam_optax._saf import (
+    MESAState,
+    SAFState,
+    mesa,
+    saf,
+    saf_targets,
+    teacher_params,
+    trajectory_loss,
+    trajectory_weight,
+)
 from sam_optax._sam import sam
 from sam_optax._sharding import mark_varying
 from sam_optax._skeleton import SAMState
@@ -27,9 +37,11 @@ __version__ = "0.1.0"
 __all__ = (
     "ESAMState",
     "FriendlySAMState",
+    "MESAState",
     "LookSAMState",
     "PathMask",
     "Perturbation",
+    "SAFState",
     "SAMInfo",
     "SAMState",
     "ascent_direction",
@@ -41,10 +53,16 @@ __all__ = (
     "gsam",
     "gsam_rho_schedule",
     "looksam",
+    "mesa",
     "mark_varying",
     "ndim_mask",
     "path_mask",
+    "saf",
+    "saf_targets",
     "sam",
     "sam_gradient",
     "split_microbatches",
+    "teacher_params",
+    "trajectory_loss",
+    "trajectory_weight",
 )
