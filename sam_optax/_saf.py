@@ -189,7 +189,7 @@ def mesa(
   base_tx = _validation.check_base(base_tx)
   _validation.check_fraction("decay", decay)
   _validation.check_non_negative("lam", lam)
-  _check_count("start_step", start_step)
+  _validation.check_non_negative("start_step", start_step)
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
