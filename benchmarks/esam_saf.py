@@ -24,8 +24,8 @@ Three measurements, in one process:
 
 Run from the repository root::
 
-  python benchmarks/esam_saf.py --quick   # about 3 min on 2 CPU cores
-  python benchmarks/esam_saf.py           # about 10 min
+  python benchmarks/esam_saf.py --quick   # about 5 min on 2 shared cores
+  python benchmarks/esam_saf.py           # about 20 min
   python benchmarks/esam_saf.py --write   # also the tracked results
 
 Results go to ``benchmarks/results/local/esam_saf[_quick].{json,md}``
@@ -543,7 +543,8 @@ def main(argv=None):
       description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
-                      help="MLP only, fewer rounds, 20 epochs, small grids")
+                      help="MLP only, fewer rounds, 20 epochs (else 40), "
+                      "small grids, 1 tuning seed (else 2)")
   parser.add_argument("--write", action="store_true",
                       help="also write benchmarks/results/esam_saf.{json,md}")
   parser.add_argument("--skip-accuracy", action="store_true")
@@ -562,7 +563,7 @@ def main(argv=None):
   speed = time_steps(speed_models(quick), rounds, calls, log)
   log("2. SWP probe")
   swp = swp_probe(rounds, calls, log)
-  epochs = 20 if quick else 60
+  epochs = 20 if quick else 40
   tune_seeds = [0] if quick else [0, 1]
   test_seeds = [0, 1, 2]
   accuracy = None
@@ -583,7 +584,7 @@ def main(argv=None):
     if accuracy is not None:
       with open(stem + ".md", "w") as f:
         f.write(markdown(res))
-    log(f"wrote {stem}.json" + (".md" if accuracy is not None else ""))
+    log(f"wrote {stem}.json" + (" and .md" if accuracy is not None else ""))
 
 
 if __name__ == "__main__":
