@@ -25,7 +25,7 @@ Three measurements, in one process:
 Run from the repository root::
 
   python benchmarks/esam_saf.py --quick   # about 5 min on 2 shared cores
-  python benchmarks/esam_saf.py           # about 20 min
+  python benchmarks/esam_saf.py           # about 25 min
   python benchmarks/esam_saf.py --write   # also the tracked results
 
 Results go to ``benchmarks/results/local/esam_saf[_quick].{json,md}``
