@@ -16,7 +16,7 @@ Three measurements, in one process:
    other half only: the upper bound, not what SWP does).
 3. **Accuracy under 40% symmetric label noise** on scikit-learn's digits
    (the MLP and data of ``benchmarks/label_noise.py``): hyper-parameters
-   (ρ; MESA/SAF's λ) are chosen on a validation split carved from the
+   (ρ; MESA/SAF's λ and τ) are chosen on a validation split carved from the
    training set (its labels as noisy as the training labels), never on the
    test set; then 3 fresh seeds are trained and tested. Reported: test
    accuracy (mean ± std) and the fraction of SAM's gain over SGD each method
@@ -177,7 +177,7 @@ def make_step(apply, method, hp, num_examples, steps_per_epoch, base):
         logits = apply(p, x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return ce.mean() + lam * sam_optax.trajectory_loss(
-            logits, teacher, TAU), ce.mean()
+            logits, teacher, hp.get("tau", TAU)), ce.mean()
 
       (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       updates, state = tx.update(grads, state, params)
@@ -197,7 +197,7 @@ def make_step(apply, method, hp, num_examples, steps_per_epoch, base):
         logits = apply(p, x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return ce.mean() + lam * sam_optax.trajectory_loss(
-            logits, targets, TAU), (ce.mean(), logits)
+            logits, targets, hp.get("tau", TAU)), (ce.mean(), logits)
 
       (_, (loss, logits)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(params)
@@ -377,17 +377,26 @@ GRIDS = {  # method -> list of hyper-parameter dicts
     "esam_sds": [{"rho": r} for r in (0.1, 0.3, 0.5)],
     "esam_swp": [{"rho": r} for r in (0.1, 0.3, 0.5)],
     "esam": [{"rho": r} for r in (0.1, 0.3, 0.5)],
-    "mesa": [{"lam": lam, "decay": 0.99, "start_epoch": 5}
-             for lam in (0.3, 1.0, 3.0)],
-    "saf": [{"lam": lam, "start_epoch": 5} for lam in (0.3, 1.0, 3.0)],
+    # τ = 5 is the paper's; with it the term's logit gradient λτ(q - p) is
+    # 5λ times cross-entropy's scale, so τ = 1 is tried too, with larger λ.
+    "mesa": [{"lam": lam, "tau": tau, "decay": 0.99, "start_epoch": 5}
+             for tau, lams in ((5.0, (0.3, 1.0, 3.0)),
+                               (1.0, (0.3, 1.0, 3.0, 10.0)))
+             for lam in lams],
+    "saf": [{"lam": lam, "tau": tau, "start_epoch": 5}
+            for tau, lams in ((5.0, (0.3, 1.0, 3.0)),
+                              (1.0, (0.3, 1.0, 3.0, 10.0)))
+            for lam in lams],
 }
 QUICK_GRIDS = {
     "sgd": [{}], "sam": [{"rho": 0.3}, {"rho": 0.5}],
     "esam_sds": [{"rho": 0.3}, {"rho": 0.5}],
     "esam_swp": [{"rho": 0.3}, {"rho": 0.5}],
     "esam": [{"rho": 0.3}, {"rho": 0.5}],
-    "mesa": [{"lam": 1.0, "decay": 0.99, "start_epoch": 5}],
-    "saf": [{"lam": 1.0, "start_epoch": 5}],
+    "mesa": [{"lam": 1.0, "tau": 5.0, "decay": 0.99, "start_epoch": 5},
+             {"lam": 3.0, "tau": 1.0, "decay": 0.99, "start_epoch": 5}],
+    "saf": [{"lam": 0.3, "tau": 5.0, "start_epoch": 5},
+            {"lam": 3.0, "tau": 1.0, "start_epoch": 5}],
 }
 
 
