@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from sklearn.datasets import load_digits
 
 import sam_optax
 
@@ -164,7 +163,8 @@ N, BS, EPOCHS, LR = 512, 32, 40, 0.1
 
 
 def digits():
-  x, y = load_digits(return_X_y=True)
+  datasets = pytest.importorskip("sklearn.datasets")
+  x, y = datasets.load_digits(return_X_y=True)
   return (jnp.asarray(x[:N] / 16.0, jnp.float32),
           jnp.asarray(y[:N], jnp.int32))
 
