@@ -285,7 +285,9 @@ def saf(
     num_outputs: the number of logits per example.
     steps_per_epoch: the number of ``update`` calls per epoch.
     lam: λ ≥ 0, the weight of the trajectory loss (paper: 0.3 on CIFAR,
-      0.8 on ImageNet; official code default 0.16).
+      0.8 on ImageNet; official code default 0.16). The term's gradient on
+      the logits is λτ(q − p): with τ = 5, λ ≥ 1 diverged on the digits
+      benchmark, where τ = 1, λ = 3 was best (``docs/esam_saf.md``).
     start_epoch: :math:`E_{\rm start}`; λ applies from epoch
       ``start_epoch + 1`` on (the official ``epoch > kl_start_epoch``).
       At least ``minus_epoch``, so that the slot read has been written.
