@@ -83,6 +83,9 @@ class Step(NamedTuple):
     options: the ascent options shared by every method.
     axis_name: the data-parallel axis, or ``None``.
     value_and_grad: whether ``grad_fn`` returns the perturbed loss.
+    base_state: the base optimizer's state *before* this update (read by
+      one-gradient methods that perturb along the base optimizer's momentum,
+      e.g. MSAM).
   """
 
   grads: Any
@@ -93,6 +96,7 @@ class Step(NamedTuple):
   options: _gradient.AscentOptions
   axis_name: Any
   value_and_grad: bool
+  base_state: Any = None
 
   def local_sam_gradient(self, ascent_grads: Any = None, *,
                          microbatched: bool = False
@@ -331,7 +335,8 @@ def transformation(
         step_count=state.step_count,
         grad_fn=(None if grad_fn is None else
                  lambda p: _unpack(grad_fn(p), has_aux, value_and_grad)),
-        options=options, axis_name=axis_name, value_and_grad=value_and_grad)
+        options=options, axis_name=axis_name, value_and_grad=value_and_grad,
+        base_state=state.base_state)
     gradient, method_state, info = rule(step, state.method_state)
     perturbed_loss = sharpness = None
     if value_and_grad:

@@ -3,7 +3,7 @@
 At ``builder-inited`` (before Sphinx looks for sources) this writes, under
 ``docs/api/`` (git-ignored):
 
-- one page per public name, ``api/<module>.<name>.rst``, with its
+- one page per public name, ``api/<module>/<name>.rst``, with its
   ``autofunction`` / ``autoclass``;
 - one page per module, ``api/<module>.rst``: the module docstring, then
   summary tables (``autosummary``) that link to those pages;
@@ -118,7 +118,9 @@ def write_api(srcdir: pathlib.Path) -> None:
       page.append("")
       toctree += names
     page += [".. toctree::", "   :hidden:", ""]
-    page += [f"   {modname}.{n}" for n in toctree]
+    # Per-name pages live in a folder per module: ``sam_optax.rst`` (the
+    # function) must not collide with ``sam_optax.rst`` (the module page).
+    page += [f"   {modname}/{n}" for n in toctree]
     _write(out / f"{modname}.rst", "\n".join(page) + "\n")
     for n in toctree:
       obj = getattr(module, n)
@@ -134,7 +136,8 @@ def write_api(srcdir: pathlib.Path) -> None:
         directive = [f".. autofunction:: {modname}.{n}"]
       text = [_title(f"``{modname}.{n}``", "="), "",
               f".. currentmodule:: {modname}", "", *directive, ""]
-      _write(out / f"{modname}.{n}.rst", "\n".join(text))
+      (out / modname).mkdir(exist_ok=True)
+      _write(out / modname / f"{n}.rst", "\n".join(text))
 
 
 def copy_notebooks(srcdir: pathlib.Path) -> None:
