@@ -84,6 +84,13 @@ class Method(NamedTuple):
   grid: tuple = ({},)
   one_gradient: bool = False
   epochs: int = 1
+  # How the train step calls the method: "grad_fn" (sam's convention),
+  # "esam" (per-example losses and the batch), "mesa"/"saf" (a trajectory
+  # loss against the EMA teacher / the stored outputs).
+  step_kind: str = "grad_fn"
+  # Gradient evaluations per step when not counted from the SAM steps (ESAM:
+  # the perturbed gradient on γB of the B examples).
+  grads: float | None = None
 
 
 def _rhos(*values):
@@ -116,7 +123,29 @@ METHODS = {
     "ae_sam": Method(lambda b, h, n: sam_optax.ae_sam(
         b, rho=h["rho"], threshold=optax.linear_schedule(1.0, -1.0, n)),
         _rhos(0.3, 0.5, 0.8)),
+    # ESAM with both parts (SWP β = 0.5, SDS γ = 0.5; γ must be static).
+    "esam": Method(lambda b, h, n: sam_optax.esam(
+        b, rho=h["rho"], beta=0.5, gamma=0.5), SAM_RHOS, step_kind="esam",
+        grads=1.5),
+    # MESA/SAF: λ and τ chosen on validation (τ = 1: at the paper's τ = 5
+    # large λ diverges here, see docs/esam_saf.md); start after 1/8 of the run.
+    "mesa": Method(lambda b, h, n: sam_optax.mesa(
+        b, decay=0.99, lam=h["lam"], start_step=n // 8),
+        tuple({"lam": v} for v in (0.3, 1.0, 3.0)), one_gradient=True,
+        step_kind="mesa"),
+    "saf": Method(lambda b, h, n: sam_optax.saf(
+        b, num_examples=n_train_examples(), num_outputs=NUM_CLASSES,
+        steps_per_epoch=n_train_examples() // BATCH_SIZE, lam=h["lam"],
+        start_epoch=5, minus_epoch=3),
+        tuple({"lam": v} for v in (0.3, 1.0, 3.0)), one_gradient=True,
+        step_kind="saf"),
 }
+TAU = 1.0  # MESA/SAF temperature.
+
+
+def n_train_examples():
+  """The size of the training split (SAF's store has one row per example)."""
+  return len(load_data()[0])
 
 
 # ----------------------------------------------------------------------------
@@ -179,14 +208,46 @@ def radius_of(opt_state):
   return found[0].radius if found else jnp.zeros([])
 
 
-def make_step(tx, x_train, y_train):
+def example_losses(params, batch):
+  x, y = batch
+  return optax.softmax_cross_entropy_with_integer_labels(predict(params, x), y)
+
+
+def _trajectory_update(kind, tx, params, opt_state, x, y, idx):
+  """MESA/SAF: one gradient of CE + λ·trajectory loss, then the update."""
+  lam = sam_optax.trajectory_weight(opt_state)
+  if kind == "mesa":
+    targets = predict(sam_optax.teacher_params(opt_state), x)
+  else:
+    targets = sam_optax.saf_targets(opt_state, idx)
+
+  def loss(p):
+    logits = predict(p, x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + lam * sam_optax.trajectory_loss(logits, targets, TAU), logits
+
+  grads, logits = jax.grad(loss, has_aux=True)(params)
+  extra = {"example_ids": idx, "outputs": logits} if kind == "saf" else {}
+  return tx.update(grads, opt_state, params, **extra)
+
+
+def make_step(tx, x_train, y_train, kind="grad_fn"):
   def step(carry, idx):
     params, opt_state, extra = carry
     x, y = x_train[idx], y_train[idx]
-    grads = jax.grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(
-        grads, opt_state, params,
-        grad_fn=lambda p: jax.grad(loss_fn)(p, x, y))
+    if kind in ("mesa", "saf"):
+      updates, opt_state = _trajectory_update(kind, tx, params, opt_state, x,
+                                              y, idx)
+    elif kind == "esam":
+      grads = jax.grad(loss_fn)(params, x, y)
+      updates, opt_state = tx.update(
+          grads, opt_state, params, example_loss_fn=example_losses,
+          batch=(x, y))
+    else:
+      grads = jax.grad(loss_fn)(params, x, y)
+      updates, opt_state = tx.update(
+          grads, opt_state, params,
+          grad_fn=lambda p: jax.grad(loss_fn)(p, x, y))
     extra = extra + (radius_of(opt_state) > 0).astype(jnp.float32)
     return (optax.apply_updates(params, updates), opt_state, extra), None
 
@@ -211,7 +272,7 @@ def make_train(method, epochs, data):
     tx = method.make(base, h, total)
     init_key, data_key = jax.random.split(key)
     params = init_mlp(init_key)
-    step = make_step(tx, x_train, y_noisy)
+    step = make_step(tx, x_train, y_noisy, method.step_kind)
 
     def epoch(carry, key):
       order = jax.random.permutation(key, n)[:steps_per_epoch * BATCH_SIZE]
@@ -225,8 +286,9 @@ def make_train(method, epochs, data):
     clean = sam_optax.eval_params(opt_state, params)
     return {"val_acc": accuracy(clean, x_val, y_val),
             "test_acc": accuracy(clean, x_test, y_test),
-            "grads_per_step": 1.0 + (0.0 if method.one_gradient
-                                     else second / total)}
+            "grads_per_step": (
+                method.grads if method.grads is not None else
+                1.0 + (0.0 if method.one_gradient else second / total))}
 
   return jax.jit(train)
 
@@ -277,7 +339,7 @@ def time_steps(chosen, data, rounds, log, batch_size=BATCH_SIZE,
                      momentum=MOMENTUM)
     h = {k: jnp.float32(v) for k, v in chosen[name].items()}
     tx = METHODS[name].make(base, h, horizon)
-    step = make_step(tx, x_train, y_train)
+    step = make_step(tx, x_train, y_train, METHODS[name].step_kind)
     runners[name] = jax.jit(lambda c, idx, step=step: jax.lax.scan(
         step, c, idx)[0])
     params = init_mlp(key)
