@@ -72,20 +72,22 @@ def ae_sam(
     :class:`sam_optax.AESAMState`. Its ``radius`` is 0 on the base steps.
 
   Examples:
+    On a converging run ‖g‖² keeps falling below its running mean, so after
+    the first steps AE-SAM stops paying for the second gradient:
+
     >>> import jax, jax.numpy as jnp, optax
     >>> import sam_optax
     >>> grad = jax.grad(lambda w: jnp.sum((w - 1.0) ** 2))
-    >>> tx = sam_optax.ae_sam(optax.sgd(0.1), rho=0.05, threshold=0.0)
-    >>> step = jax.jit(lambda w, s: tx.update(grad(w), s, w, grad_fn=grad))
-    >>> w, state, radii = jnp.zeros(3), tx.init(jnp.zeros(3)), []
-    >>> for _ in range(4):
-    ...   updates, state = step(w, state)
-    ...   w = optax.apply_updates(w, updates)
-    ...   radii.append(round(float(state.radius), 2))
-    >>> radii  # μ starts at 0: the first steps' norms are "large".
-    [0.05, 0.05, 0.05, 0.05]
-    >>> float(state.method_state.sq_norm_mean) > 0
-    True
+    >>> tx = sam_optax.ae_sam(optax.sgd(0.1), rho=0.05, threshold=0.0,
+    ...                       decay=0.5)
+    >>> update = jax.jit(lambda w, s: tx.update(grad(w), s, w, grad_fn=grad))
+    >>> params, state, sam_steps = jnp.zeros(3), tx.init(jnp.zeros(3)), []
+    >>> while len(sam_steps) < 6:
+    ...   updates, state = update(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    ...   sam_steps.append(bool(state.radius > 0))
+    >>> sam_steps
+    [True, True, False, False, False, False]
 
   References:
     Jiang, Yang, Zhang and Kwok, `An Adaptive Policy to Employ
