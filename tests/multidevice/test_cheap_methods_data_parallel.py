@@ -15,44 +15,29 @@ come out identical on every device:
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from tests.multidevice.problem import (
+    DATA,
+    MESH,
+    N_DEV,
+    PARAMS,
+    loss_fn,
+    make_data,
+    shard_grad,
+    unit,
+    unvec,
+    vec,
+)
 
-N_DEV, PER_DEV = 8, 4
 LR, RHO, MOMENTUM, STD, SEED = 0.1, 0.2, 0.9, 0.1, 2
-MESH = Mesh(np.array(jax.devices()), ("batch",))
 
 
-def init_params(seed=0):
-  rng = np.random.default_rng(seed)
-  return {"w1": (0.7 * rng.standard_normal((3, 4))).astype(np.float32),
-          "b1": (0.1 * rng.standard_normal(4)).astype(np.float32),
-          "w2": (0.7 * rng.standard_normal(4)).astype(np.float32)}
-
-
-def make_data(seed=1, zero_shards=()):
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((N_DEV, PER_DEV, 3)).astype(np.float32)
-  y = (np.sin(2.0 * x[..., 0]) * np.cos(np.arange(N_DEV))[:, None]
-       + np.linspace(-1.5, 1.5, N_DEV)[:, None]).astype(np.float32)
-  m = np.ones((N_DEV, PER_DEV), np.float32)
-  m[list(zero_shards)] = 0.0
-  return x, y, m
-
-
-def loss_fn(params, x, y, m):
-  pred = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
-  return jnp.sum(m * (pred - y) ** 2) / y.shape[0]
-
-
-PARAMS = init_params()
-DATA = make_data()
 TXS = {
     "msam": lambda: sam_optax.msam(optax.sgd(LR, momentum=MOMENTUM),
                                    rho=RHO, axis_name="batch"),
@@ -65,32 +50,6 @@ TXS = {
                                        axis_name="batch"),
 }
 STEPS = 5
-_grad = jax.jit(jax.grad(loss_fn))
-
-
-def vec(tree):
-  return np.concatenate([np.asarray(tree[k], np.float64).ravel()
-                         for k in sorted(tree)])
-
-
-def unvec(v):
-  out, i = {}, 0
-  for k in sorted(PARAMS):
-    n = PARAMS[k].size
-    out[k] = v[i:i + n].reshape(PARAMS[k].shape)
-    i += n
-  return out
-
-
-def shard_grad(w, i, data):
-  x, y, m = data
-  p = jax.tree.map(lambda a: a.astype(np.float32), unvec(w))
-  return vec(_grad(p, x[i], y[i], m[i]))
-
-
-def unit(v):
-  n = np.linalg.norm(v)
-  return v / n if n > 0 else v
 
 
 def rwp_noise(t, stds):

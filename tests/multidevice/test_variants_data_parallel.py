@@ -16,47 +16,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from tests.multidevice.problem import (
+    DATA,
+    MESH,
+    N_DEV,
+    PARAMS,
+    PER_DEV,
+    loss_fn,
+    make_data,
+    shard_grad,
+    unit,
+    unvec,
+    vec,
+)
 
-N_DEV = 8
-PER_DEV = 4
 LR = 0.1
 RHO = 0.1
 ALPHA = 0.5
 K = 2
 MOMENTUM = 0.9
 SIGMA, DECAY = 1.0, 0.6
-MESH = Mesh(np.array(jax.devices()), ("batch",))
 
 
-def init_params(seed=0):
-  rng = np.random.default_rng(seed)
-  return {"w1": (0.7 * rng.standard_normal((3, 4))).astype(np.float32),
-          "b1": (0.1 * rng.standard_normal(4)).astype(np.float32),
-          "w2": (0.7 * rng.standard_normal(4)).astype(np.float32)}
-
-
-def make_data(seed=1, zero_shards=()):
-  """Shards whose targets differ, so the local gradients differ clearly."""
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((N_DEV, PER_DEV, 3)).astype(np.float32)
-  y = (np.sin(2.0 * x[..., 0]) * np.cos(np.arange(N_DEV))[:, None]
-       + np.linspace(-1.5, 1.5, N_DEV)[:, None]).astype(np.float32)
-  m = np.ones((N_DEV, PER_DEV), np.float32)
-  m[list(zero_shards)] = 0.0  # Weight 0: zero loss and gradient there.
-  return x, y, m
-
-
-def loss_fn(params, x, y, m):
-  pred = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
-  return jnp.sum(m * (pred - y) ** 2) / y.shape[0]
-
-
-PARAMS = init_params()
-DATA = make_data()
 TXS = {
     "gsam": lambda: sam_optax.gsam(optax.sgd(LR), rho=RHO, alpha=ALPHA,
                                    axis_name="batch"),
@@ -69,34 +54,6 @@ TXS = {
 STEPS = {"gsam": 2, "looksam": 4, "friendly_sam": 3}
 
 # ---------------------------------------------------------------- reference
-
-_grad = jax.jit(jax.grad(loss_fn))
-
-
-def vec(tree):
-  return np.concatenate([np.asarray(tree[k], np.float64).ravel()
-                         for k in sorted(tree)])
-
-
-def unvec(v):
-  out, i = {}, 0
-  for k in sorted(PARAMS):
-    n = PARAMS[k].size
-    out[k] = v[i:i + n].reshape(PARAMS[k].shape)
-    i += n
-  return out
-
-
-def shard_grad(w, i, data):
-  """∇L_i at the float32 rounding of the float64 vector ``w``."""
-  x, y, m = data
-  p = jax.tree.map(lambda a: a.astype(np.float32), unvec(w))
-  return vec(_grad(p, x[i], y[i], m[i]))
-
-
-def unit(v):
-  n = np.linalg.norm(v)
-  return v / n if n > 0 else v
 
 
 def reference(name, data=DATA, steps=None, variant=None):
