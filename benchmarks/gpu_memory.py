@@ -63,7 +63,7 @@ import _common  # noqa: E402
 import _models  # noqa: E402
 import speed  # noqa: E402
 
-from sam_optax._memory import SCHEDULE_PLATFORMS, SCHEDULES  # noqa: E402
+from sam_optax._compilation.memory import SCHEDULE_PLATFORMS, SCHEDULES  # noqa: E402
 
 VARIANTS = ("base", "hand_sam", "sam_optax", "hand_sam_cond",
             "hand_sam_loop")

@@ -5,30 +5,30 @@
 """
 
 from sam_optax import diagnostics
-from sam_optax._ae_sam import AESAMState, ae_sam
-from sam_optax._esam import ESAMState, esam
-from sam_optax._eval_params import eval_params
-from sam_optax._friendly_sam import FriendlySAMState, friendly_sam
-from sam_optax._gradient import SAMInfo, sam_gradient, split_microbatches
-from sam_optax._gsam import gsam, gsam_rho_schedule
-from sam_optax._looksam import LookSAMState, looksam
-from sam_optax._masks import (
+from sam_optax._compilation.memory import CompileReport, compile_low_memory
+from sam_optax._core.eval_params import eval_params
+from sam_optax._core.gradient import SAMInfo, sam_gradient, split_microbatches
+from sam_optax._core.masks import (
     PathMask,
     exclude_biases,
     ndim_mask,
     path_mask,
 )
-from sam_optax._memory import CompileReport, compile_low_memory
-from sam_optax._mesa import MESAState, mesa, teacher_params
-from sam_optax._msam import MSAMState, msam
-from sam_optax._perturbation import Perturbation, ascent_direction
-from sam_optax._rst import RSTState, rst
-from sam_optax._rwp import RWPState, rwp
-from sam_optax._saf import SAFState, saf, saf_targets
-from sam_optax._sam import sam
-from sam_optax._sharding import mark_varying
-from sam_optax._skeleton import SAMState
-from sam_optax._trajectory import trajectory_loss, trajectory_weight
+from sam_optax._core.perturbation import Perturbation, ascent_direction
+from sam_optax._core.sharding import mark_varying
+from sam_optax._core.skeleton import SAMState
+from sam_optax._core.trajectory import trajectory_loss, trajectory_weight
+from sam_optax._methods.ae_sam import AESAMState, ae_sam
+from sam_optax._methods.esam import ESAMState, esam
+from sam_optax._methods.friendly_sam import FriendlySAMState, friendly_sam
+from sam_optax._methods.gsam import gsam, gsam_rho_schedule
+from sam_optax._methods.looksam import LookSAMState, looksam
+from sam_optax._methods.mesa import MESAState, mesa, teacher_params
+from sam_optax._methods.msam import MSAMState, msam
+from sam_optax._methods.rst import RSTState, rst
+from sam_optax._methods.rwp import RWPState, rwp
+from sam_optax._methods.saf import SAFState, saf, saf_targets
+from sam_optax._methods.sam import sam
 
 __version__ = "0.1.0"
 

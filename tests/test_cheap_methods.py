@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import _rwp
+from sam_optax._methods import rwp as _rwp
 from tests import helpers
 
 A = np.asarray(helpers.A, np.float64)

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import _esam
+from sam_optax._methods import esam as _esam
 
 LR, RHO = 0.2, 0.3
 B, D, H = 12, 3, 4

@@ -9,7 +9,9 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import _eval_params, _gradient, _skeleton
+from sam_optax._core import eval_params as _eval_params
+from sam_optax._core import gradient as _gradient
+from sam_optax._core import skeleton as _skeleton
 from tests import helpers
 
 METHODS = {

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import _memory
+from sam_optax._compilation import memory as _memory
 
 
 def _cnn_loss(params, x, y):

@@ -165,7 +165,7 @@ def test_non_float_leaves_are_not_perturbed():
   grads = {"w": jnp.ones(2), "step": jnp.array(0, jnp.int32)}
   p = sam_optax.ascent_direction(grads, params, 1.0)
   np.testing.assert_allclose(global_norm(p.epsilon), 1.0, rtol=1e-6)
-  perturbed = sam_optax._perturbation.perturb(params, p.epsilon)
+  perturbed = sam_optax._core.perturbation.perturb(params, p.epsilon)
   assert perturbed["step"].dtype == jnp.int32 and int(perturbed["step"]) == 3
 
 

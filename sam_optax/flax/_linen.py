@@ -11,7 +11,7 @@ import optax
 from flax.training import train_state as _train_state
 from jax import lax
 
-from sam_optax import _sharding
+from sam_optax._core import sharding as _sharding
 
 
 class SAMTrainState(_train_state.TrainState):

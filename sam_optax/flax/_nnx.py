@@ -8,7 +8,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from sam_optax import _masks
+from sam_optax._core import masks as _masks
 
 
 def _leaf_paths(tree: Any) -> list[str]:

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sam_optax import _skeleton, _validation
+from sam_optax._core import skeleton as _skeleton
+from sam_optax._core import validation as _validation
 
 
 class RSTState(NamedTuple):

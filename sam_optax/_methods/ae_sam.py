@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sam_optax import _skeleton, _tree, _validation
+from sam_optax._core import skeleton as _skeleton
+from sam_optax._core import tree as _tree
+from sam_optax._core import validation as _validation
 
 
 class AESAMState(NamedTuple):

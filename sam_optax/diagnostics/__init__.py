@@ -12,19 +12,19 @@
 ['HessianEigenpair', 'HessianSpectrum']
 """
 
-from sam_optax._hessian import (
+from sam_optax.diagnostics._hessian import (
     HessianEigenpair,
     hessian_vector_product,
     top_hessian_eigenvalue,
 )
-from sam_optax._landscape import (
+from sam_optax.diagnostics._landscape import (
     Landscape1D,
     Landscape2D,
     filter_normalized_direction,
     loss_landscape_1d,
     loss_landscape_2d,
 )
-from sam_optax._spectrum import (
+from sam_optax.diagnostics._spectrum import (
     HessianSpectrum,
     SpectralDensity,
     hessian_spectral_density,

@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax import _eval_params, _gradient, _skeleton, _tree, _validation
+from sam_optax._core import eval_params as _eval_params
+from sam_optax._core import gradient as _gradient
+from sam_optax._core import skeleton as _skeleton
+from sam_optax._core import tree as _tree
+from sam_optax._core import validation as _validation
 
 _MOMENTUM_NAMES = ("trace", "mu")
 

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sam_optax import _masks, _tree
+from sam_optax._core import masks as _masks
+from sam_optax._core import tree as _tree
 
 
 class Perturbation(NamedTuple):
@@ -80,7 +81,7 @@ def ascent_direction(
     adaptive: ``True`` for ASAM.
     eta: ASAM's η ≥ 0 (ignored for SAM).
     eps: added to the norm in the denominator.
-    mask: which leaves are perturbed (see :mod:`sam_optax._masks`).
+    mask: which leaves are perturbed (see :mod:`sam_optax._core.masks`).
     adaptive_mask: with ``adaptive=True``, which leaves use ``T = |w| + η``.
     exact_norms: also return :math:`\|g\|_2` and :math:`\|\epsilon\|_2`
       (free for SAM; for ASAM two more reductions over the params).

@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sam_optax import _masks, _perturbation, _sharding, _tree
+from sam_optax._core import masks as _masks
+from sam_optax._core import perturbation as _perturbation
+from sam_optax._core import sharding as _sharding
+from sam_optax._core import tree as _tree
 
 
 class AscentOptions(NamedTuple):

@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sam_optax import _gradient, _perturbation, _sharding, _validation
+from sam_optax._core import gradient as _gradient
+from sam_optax._core import perturbation as _perturbation
+from sam_optax._core import sharding as _sharding
+from sam_optax._core import validation as _validation
 
 
 class SAMState(NamedTuple):
@@ -291,7 +294,7 @@ def transformation(
       method_state)``, run after the base optimizer's update: e.g. to move
       the held params to the next perturbed point (MSAM). Methods whose held
       params are not the clean ones also register how to undo that with
-      :func:`sam_optax._eval_params.register`.
+      :func:`sam_optax._core.eval_params.register`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state

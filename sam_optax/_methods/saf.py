@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sam_optax import _trajectory, _validation
+from sam_optax._core import trajectory as _trajectory
+from sam_optax._core import validation as _validation
 
 
 class SAFState(NamedTuple):

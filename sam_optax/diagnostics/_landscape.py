@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sam_optax import _compile, _tree
+from sam_optax._compilation import static_loss as _compile
+from sam_optax._core import tree as _tree
 
 LossFn = Callable[[Any], jax.Array]
 

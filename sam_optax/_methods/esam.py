@@ -27,14 +27,12 @@ import numpy as np
 import optax
 from jax import lax
 
-from sam_optax import (
-  _gradient,
-  _perturbation,
-  _sharding,
-  _skeleton,
-  _tree,
-  _validation,
-)
+from sam_optax._core import gradient as _gradient
+from sam_optax._core import perturbation as _perturbation
+from sam_optax._core import sharding as _sharding
+from sam_optax._core import skeleton as _skeleton
+from sam_optax._core import tree as _tree
+from sam_optax._core import validation as _validation
 
 
 class ESAMState(NamedTuple):

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sam_optax import _compile, _hessian, _tree
+from sam_optax._compilation import static_loss as _compile
+from sam_optax._core import tree as _tree
+from sam_optax.diagnostics import _hessian as _hessian
 
 LossFn = Callable[[Any], jax.Array]
 

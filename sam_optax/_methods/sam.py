@@ -8,7 +8,9 @@ from typing import Any
 import jax
 import optax
 
-from sam_optax import _gradient, _skeleton, _validation
+from sam_optax._core import gradient as _gradient
+from sam_optax._core import skeleton as _skeleton
+from sam_optax._core import validation as _validation
 
 
 def sam(

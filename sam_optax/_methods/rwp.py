@@ -9,7 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _eval_params, _gradient, _skeleton, _tree
+from sam_optax._core import eval_params as _eval_params
+from sam_optax._core import gradient as _gradient
+from sam_optax._core import skeleton as _skeleton
+from sam_optax._core import tree as _tree
 
 
 class RWPState(NamedTuple):

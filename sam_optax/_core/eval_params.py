@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from sam_optax import _skeleton
+from sam_optax._core import skeleton as _skeleton
 
 # type(method_state) -> fn(sam_state, held_params) -> clean params.
 _UNPERTURB: dict[type, Callable[[_skeleton.SAMState, Any], Any]] = {}

@@ -10,7 +10,7 @@ compilation); it can also be called inside ``jax.jit``.
 
 :class:`FlatHessian` is the Hessian as an operator on one flat vector of all
 the float parameters, in the tree's accumulation dtype: the iterative
-eigensolvers (here and in :mod:`sam_optax._spectrum`) work on it.
+eigensolvers (here and in :mod:`sam_optax.diagnostics._spectrum`) work on it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from sam_optax import _compile, _sharding, _tree
+from sam_optax._compilation import static_loss as _compile
+from sam_optax._core import sharding as _sharding
+from sam_optax._core import tree as _tree
 
 LossFn = Callable[[Any], jax.Array]
 
