@@ -15,6 +15,7 @@ from sam_optax._core.masks import (
     path_mask,
 )
 from sam_optax._core.perturbation import Perturbation, ascent_direction
+from sam_optax._core.schedules import late_phase
 from sam_optax._core.sharding import mark_varying
 from sam_optax._core.skeleton import SAMState
 from sam_optax._core.trajectory import trajectory_loss, trajectory_weight
@@ -57,6 +58,7 @@ __all__ = (
     "friendly_sam",
     "gsam",
     "gsam_rho_schedule",
+    "late_phase",
     "looksam",
     "mark_varying",
     "mesa",
