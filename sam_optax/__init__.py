@@ -22,10 +22,15 @@ from sam_optax._core.trajectory import trajectory_loss, trajectory_weight
 from sam_optax._methods.ae_sam import AESAMState, ae_sam
 from sam_optax._methods.esam import ESAMState, esam
 from sam_optax._methods.friendly_sam import FriendlySAMState, friendly_sam
+from sam_optax._methods.functional_sam import (
+    functional_sam,
+    functional_value_and_grad,
+)
 from sam_optax._methods.gsam import gsam, gsam_rho_schedule
 from sam_optax._methods.looksam import LookSAMState, looksam
 from sam_optax._methods.mesa import MESAState, mesa, teacher_params
 from sam_optax._methods.msam import MSAMState, msam
+from sam_optax._methods.preconditioned_sam import preconditioned_sam
 from sam_optax._methods.rst import RSTState, rst
 from sam_optax._methods.rwp import RWPState, rwp
 from sam_optax._methods.saf import SAFState, saf, saf_targets
@@ -56,6 +61,8 @@ __all__ = (
     "eval_params",
     "exclude_biases",
     "friendly_sam",
+    "functional_sam",
+    "functional_value_and_grad",
     "gsam",
     "gsam_rho_schedule",
     "late_phase",
@@ -65,6 +72,7 @@ __all__ = (
     "msam",
     "ndim_mask",
     "path_mask",
+    "preconditioned_sam",
     "rst",
     "rwp",
     "saf",

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -31,6 +32,55 @@ class AscentOptions(NamedTuple):
   adaptive_mask: Any = None
   perturb_in_float32: bool = False
   exact_norms: bool = False
+  rho_multipliers: Any = None
+
+
+def rho_multiplier_tree(multipliers: Any, params: Any) -> Any:
+  """The per-leaf ρ multipliers as a tree like ``params`` (or ``None``).
+
+  ``multipliers`` is ``None`` (every leaf 1), a pytree of scalars with the
+  params' structure or a prefix of it (a scalar applies to the whole
+  subtree), or a callable ``(path, shape) -> scalar`` called once per leaf
+  with the leaf's path (``'layer/kernel'``, as :func:`sam_optax.path_mask`
+  sees it) and shape. Concrete multipliers must be finite and >= 0.
+  """
+  if multipliers is None:
+    return None
+  if callable(multipliers):
+    tree = jax.tree_util.tree_map_with_path(
+        lambda path, w: multipliers(_masks.path_str(path), jnp.shape(w)),
+        params)
+  else:
+    try:
+      tree = jax.tree.map(
+          lambda m, sub: jax.tree.map(lambda _: m, sub), multipliers, params)
+    except ValueError as e:
+      raise ValueError(
+          "rho_multipliers must be a pytree of scalars with the params' "
+          f"structure (or a prefix of it), or a callable (path, shape) -> "
+          f"scalar: {e}") from e
+  for path, m in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(m, jax.core.Tracer):
+      continue
+    if jnp.shape(m) != () or not jnp.issubdtype(jnp.result_type(m),
+                                                 jnp.number):
+      raise ValueError(
+          f"rho_multipliers must give a real scalar per leaf; got {m!r} at "
+          f"{_masks.path_str(path) or 'the root'!r}.")
+    if not (np.isfinite(np.asarray(m)) and np.asarray(m) >= 0):
+      raise ValueError(
+          f"rho_multipliers must be finite and >= 0; got {m!r} at "
+          f"{_masks.path_str(path) or 'the root'!r}.")
+  return tree
+
+
+def scale_epsilon(epsilon: Any, params: Any, multipliers: Any) -> Any:
+  """ε with each leaf multiplied by its ρ multiplier (identity for None)."""
+  tree = rho_multiplier_tree(multipliers, params)
+  if tree is None:
+    return epsilon
+  return jax.tree.map(lambda e, m: e * jnp.asarray(m).astype(e.dtype),
+                      epsilon, tree)
 
 
 class SAMInfo(NamedTuple):
@@ -165,11 +215,15 @@ def perturbed_gradient(
         g, params, rho, adaptive=options.adaptive, eta=options.eta,
         eps=options.eps, mask=options.mask,
         adaptive_mask=options.adaptive_mask, exact_norms=options.exact_norms)
+    epsilon, intended = p.epsilon, p.norm
+    if options.rho_multipliers is not None:
+      epsilon = scale_epsilon(epsilon, params, options.rho_multipliers)
+      intended = _tree.norm(epsilon) if options.exact_norms else None
     perturbed = _perturbation.perturb(
-        params, p.epsilon, keep_dtype=not options.perturb_in_float32)
+        params, epsilon, keep_dtype=not options.perturb_in_float32)
     achieved = None
     if options.exact_norms:
-      achieved = _achieved_norm(perturbed, params, p.norm)
+      achieved = _achieved_norm(perturbed, params, intended)
     norms = (p.ascent_norm, p.radius, p.grad_norm, achieved)
     return perturbed, jax.tree.map(lambda x: x.astype(jnp.float32), norms)
 

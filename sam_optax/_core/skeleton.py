@@ -232,7 +232,7 @@ COMMON_OPTIONS = {
     "adaptive": False, "eta": 0.01, "eps": 1e-12, "mask": None,
     "adaptive_mask": None, "axis_name": None, "has_aux": False,
     "value_and_grad": False, "perturb_in_float32": False,
-    "exact_norms": False,
+    "exact_norms": False, "rho_multipliers": None,
 }
 
 
@@ -321,6 +321,10 @@ def transformation(
         perturbed_loss=loss, sharpness=loss)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    # obj_fn stays in extra_args: a base optimizer may want it too (sophia).
+    grad_fn = _validation.resolve_grad_fn(
+        name, grad_fn, extra_args.get("obj_fn"), has_aux=has_aux,
+        value_and_grad=value_and_grad)
     if needs_grad_fn or params is None:
       _validation.check_call(name, grad_fn, params)
     tree_name = f"The gradient passed to {name}"

@@ -87,13 +87,41 @@ def check_base(base_tx: Any) -> optax.GradientTransformationExtraArgs:
   return optax.with_extra_args_support(base_tx)
 
 
+def resolve_grad_fn(name: str, grad_fn: Any, obj_fn: Any, *,
+                    has_aux: bool = False,
+                    value_and_grad: bool = False) -> Any:
+  """``grad_fn``, or the one ``obj_fn`` implies; an error if both are given.
+
+  ``obj_fn(params) -> loss`` (``(loss, aux)`` with ``has_aux``) is the
+  objective as Levanter and ``optax.contrib.sophia`` pass it. It becomes
+  ``jax.grad(obj_fn, has_aux=has_aux)``, or ``jax.value_and_grad(obj_fn,
+  has_aux=has_aux)`` with ``value_and_grad`` (the perturbed loss then comes
+  free with the gradient), exactly what a caller would pass as ``grad_fn``.
+  """
+  if obj_fn is None:
+    return grad_fn
+  if grad_fn is not None:
+    raise ValueError(
+        f"{name} got both grad_fn= and obj_fn=; pass one: obj_fn(params) -> "
+        "loss is differentiated with jax.grad, grad_fn(params) -> gradient "
+        "is called as given.")
+  if not callable(obj_fn):
+    raise TypeError(
+        f"{name}: obj_fn must be a callable params -> scalar loss, got "
+        f"{type(obj_fn).__name__}.")
+  if value_and_grad:
+    return jax.value_and_grad(obj_fn, has_aux=has_aux)
+  return jax.grad(obj_fn, has_aux=has_aux)
+
+
 def check_call(name: str, grad_fn: Any, params: Any) -> None:
   """A clear error for a missing ``grad_fn`` or ``params`` in ``update``."""
   if grad_fn is None:
     raise ValueError(
         f"{name} needs the gradient function: call "
         "tx.update(grads, state, params, grad_fn=lambda p: "
-        "jax.grad(loss_fn)(p, batch)).")
+        "jax.grad(loss_fn)(p, batch)), or pass the objective as "
+        "obj_fn=lambda p: loss_fn(p, batch).")
   if params is None:
     raise ValueError(f"{name} needs the params: tx.update(grads, state, "
                      "params, grad_fn=...).")

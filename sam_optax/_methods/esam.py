@@ -186,7 +186,11 @@ def esam(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
     ``example_loss_fn`` (``(params, batch) -> (B,)`` losses), ``batch`` and
-    optionally ``example_losses`` (the ``(B,)`` losses at ``params``); state
+    optionally ``example_losses`` (the ``(B,)`` losses at ``params``). With
+    ``gamma=1`` (no data selection) it also takes ``obj_fn=`` (``params ->
+    scalar`` loss, as Levanter passes it) instead: the perturbed gradient
+    and loss are then ``jax.value_and_grad(obj_fn)``; with ``gamma < 1``
+    ``obj_fn`` is an error, since SDS needs one loss per example. State
     :class:`sam_optax.SAMState` with an :class:`ESAMState` as
     ``method_state``.
 
@@ -246,7 +250,8 @@ def esam(
     inv_beta = 1.0 / jnp.asarray(beta, jnp.float32)
     epsilon = jax.tree.map(
         lambda e, k: jnp.where(k, e * inv_beta.astype(e.dtype), 0),
-        p.epsilon, keep)
+        _gradient.scale_epsilon(p.epsilon, step.params,
+                                opts.rho_multipliers), keep)
     perturbed = _perturbation.perturb(
         step.params, epsilon, keep_dtype=not opts.perturb_in_float32)
     if step.axis_name is not None:
@@ -284,6 +289,21 @@ def esam(
           "esam takes example_loss_fn= and batch= (per-example losses), not "
           "grad_fn: tx.update(grads, state, params, example_loss_fn=f, "
           "batch=batch).")
+    if extra_args.get("obj_fn") is not None:
+      if example_loss_fn is not None or batch is not None:
+        raise ValueError(
+            "esam got both obj_fn= and example_loss_fn=/batch=; pass one.")
+      if gamma < 1:
+        raise ValueError(
+            f"esam with gamma={gamma} selects examples, so it needs the "
+            "per-example losses: tx.update(grads, state, params, "
+            "example_loss_fn=f, batch=batch). obj_fn= (a scalar loss) works "
+            "only with gamma=1 (SWP alone).")
+      if params is None:
+        raise ValueError("esam needs the params: tx.update(grads, state, "
+                         "params, obj_fn=...).")
+      # The skeleton turns obj_fn into jax.value_and_grad(obj_fn).
+      return inner.update(updates, state, params, **extra_args)
     if example_loss_fn is None or batch is None:
       raise ValueError(
           "esam needs the per-example loss and the batch: tx.update(grads, "

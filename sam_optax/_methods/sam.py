@@ -30,6 +30,7 @@ def sam(
     microbatched: bool = False,
     perturb_in_float32: bool = False,
     exact_norms: bool = False,
+    rho_multipliers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (SAM) and its adaptive variant (ASAM).
 
@@ -113,6 +114,16 @@ def sam(
       params. By default the state logs what the step computes anyway:
       ``ascent_norm`` (:math:`\|Tg\|_2`, i.e. :math:`\|g\|_2` for SAM) and
       ``radius`` (ρ, or 0 for a zero gradient).
+    rho_multipliers: per-leaf radii: leaf :math:`l` is perturbed by
+      :math:`m_l\,\epsilon_l`, with ε as above (the norm stays the global
+      one, so :math:`m_l = 1` everywhere is SAM). ``None`` (all 1), a
+      pytree of scalars shaped like the params (or a prefix of them), or a
+      callable ``(path, shape) -> scalar`` (``path`` as
+      :func:`sam_optax.path_mask` sees it). This expresses layerwise
+      perturbation scaling, e.g. the spectral rule behind μP² (Haas et al.,
+      2024), :math:`m_l \propto \sqrt{\text{fan\_out}/\text{fan\_in}}`
+      for a ``(fan_in, fan_out)`` kernel (see ``docs/language_models.md``).
+      ``radius`` still logs ρ; ``exact_norms`` measures the scaled ε.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -165,6 +176,9 @@ def sam(
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
   _validation.check_bools(sync_ascent=sync_ascent)
+  if rho_multipliers is not None and not callable(rho_multipliers):
+    jax.tree.map(lambda m: _validation.check_non_negative(
+        "rho_multipliers", m), rho_multipliers)
   synced = sync_ascent or ascent_groups is not None
   if axis_name is None and synced:
     raise ValueError("sync_ascent and ascent_groups need an axis_name.")
@@ -179,6 +193,7 @@ def sam(
   return _skeleton.transformation(
       "sam", base_tx, rule, rho,
       _gradient.AscentOptions(adaptive, eta, eps, mask, adaptive_mask,
-                              perturb_in_float32, exact_norms),
+                              perturb_in_float32, exact_norms,
+                              rho_multipliers),
       axis_name=axis_name, has_aux=has_aux, value_and_grad=value_and_grad,
       microbatched=microbatched, local_grads=not synced)
