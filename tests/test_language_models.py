@@ -305,6 +305,22 @@ def test_preconditioned_sam_reads_nu_through_wrappers():
             helpers.quadratic_params(), 3,
             grad_fn=helpers.quadratic_grad)[0]
   chex.assert_trees_all_close(got, expected, rtol=1e-5)
+  # inject_hyperparams sees rho, b2 and precond_eps.
+  tx = optax.inject_hyperparams(sam_optax.preconditioned_sam)(
+      optax.adam(LR), rho=RHO)
+  assert {"rho", "b2", "precond_eps"} <= set(
+      tx.init(helpers.quadratic_params()).hyperparams)
+  chex.assert_trees_all_close(
+      run(tx, helpers.quadratic_params(), 3,
+          grad_fn=helpers.quadratic_grad)[0], expected, rtol=1e-5)
+  # float16 params with eps injected (rounded to 0 in float16): finite.
+  half = jax.tree.map(lambda x: x.astype(jnp.float16),
+                      helpers.quadratic_params())
+  got = run(tx, half, 2, grad=lambda p: jax.tree.map(
+      lambda g: g.astype(jnp.float16), helpers.quadratic_grad(p)),
+            grad_fn=lambda p: jax.tree.map(lambda g: g.astype(jnp.float16),
+                                           helpers.quadratic_grad(p)))[0]
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
   # adamw with weight decay 0 is adam; its nu is found the same way.
   got = run(sam_optax.preconditioned_sam(
       optax.adamw(LR, weight_decay=0.0), rho=RHO),

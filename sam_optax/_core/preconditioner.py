@@ -105,6 +105,10 @@ def preconditioned_ascent(
     if not (_tree.is_float(g) and _tree.is_float(w)):
       return g
     dtype = _tree.compute_dtype(jnp.result_type(w))
-    return jnp.asarray(g).astype(dtype) / jnp.asarray(d).astype(dtype)
+    d = jnp.asarray(d).astype(dtype)
+    # P = 0 (nu = 0 with eps rounded to 0, e.g. injected in float16): no
+    # ascent along that coordinate rather than inf/NaN.
+    return jnp.where(d > 0, jnp.asarray(g).astype(dtype) / jnp.where(
+        d > 0, d, 1), 0)
 
   return jax.tree.map(divide, grads, p, params)
