@@ -16,8 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from sam_optax._core import skeleton as _skeleton
 from sam_optax._core import tree as _tree
+from sam_optax._core import validation as _validation
 
 
 def _has_nu(x: Any) -> bool:
@@ -112,3 +115,47 @@ def preconditioned_ascent(
         d > 0, d, 1), 0)
 
   return jax.tree.map(divide, grads, p, params)
+
+
+def check_args(name: str, options: dict[str, Any], preconditioner: Any,
+               b2: Any, precond_eps: Any, bias_correction: Any) -> None:
+  """Validates the arguments shared by the preconditioned methods."""
+  if options.get("adaptive"):
+    raise ValueError(
+        f"{name}: adaptive=True (ASAM) does not combine with the "
+        "preconditioned ascent; the preconditioner already rescales g.")
+  if preconditioner is not None and not callable(preconditioner):
+    raise TypeError(
+        f"{name}: preconditioner must be a callable base_state -> pytree "
+        f"of positive diagonal entries, got {type(preconditioner).__name__}.")
+  _validation.check_fraction("b2", b2)
+  _validation.check_non_negative("precond_eps", precond_eps)
+  _validation.check_bools(bias_correction=bias_correction)
+
+
+def rule(name: str, preconditioner: Any, b2: Any, precond_eps: Any,
+         bias_correction: bool) -> _skeleton.Rule:
+  """SAM's rule with the ascent gradient :math:`P^{-1} g`."""
+
+  def preconditioned(step, method_state):
+    ascent = preconditioned_ascent(
+        name, step.grads, step.params, step.base_state,
+        preconditioner=preconditioner, b2=b2, eps=precond_eps,
+        bias_correction=bias_correction)
+    g_sam, info = step.sam_gradient(ascent)
+    return g_sam, method_state, info
+
+  return preconditioned
+
+
+def checked_init(name: str, tx: optax.GradientTransformationExtraArgs,
+                 preconditioner: Any) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``init`` fails clearly when the base state has no ``nu``."""
+
+  def init_fn(params):
+    state = tx.init(params)
+    if preconditioner is None:
+      find_second_moment(name, state.base_state)
+    return state
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sam_optax._core import preconditioner as _preconditioner
 from sam_optax._core import skeleton as _skeleton
 from sam_optax._core import validation as _validation
-from sam_optax._methods import preconditioned_sam as _preconditioned
 
 
 def functional_value_and_grad(
@@ -151,9 +151,9 @@ def functional_sam(
         "functional_sam() does not take has_aux: outputs_fn returns the "
         "outputs only.")
   if preconditioned:
-    _preconditioned.check_preconditioner_args(
+    _preconditioner.check_args(
         name, options, preconditioner, b2, precond_eps, bias_correction)
-    rule = _preconditioned.preconditioned_rule(
+    rule = _preconditioner.rule(
         name, preconditioner, b2, precond_eps, bias_correction)
   else:
     if preconditioner is not None:
@@ -168,7 +168,7 @@ def functional_sam(
   value_and_grad = bool(options.get("value_and_grad", False))
   inner = _skeleton.variant(name, base_tx, rule, rho, options)
   if preconditioned:
-    inner = _preconditioned.checked_init(name, inner, preconditioner)
+    inner = _preconditioner.checked_init(name, inner, preconditioner)
 
   def update_fn(updates, state, params=None, *, outputs_fn=None,
                 output_grads=None, loss_fn=None, grad_fn=None,

@@ -9,53 +9,6 @@ import optax
 
 from sam_optax._core import preconditioner as _preconditioner
 from sam_optax._core import skeleton as _skeleton
-from sam_optax._core import validation as _validation
-
-
-def check_preconditioner_args(name: str, options: dict[str, Any],
-                              preconditioner: Any, b2: Any, precond_eps: Any,
-                              bias_correction: Any) -> None:
-  """Validates the arguments shared by the preconditioned methods."""
-  if options.get("adaptive"):
-    raise ValueError(
-        f"{name}: adaptive=True (ASAM) does not combine with the "
-        "preconditioned ascent; the preconditioner already rescales g.")
-  if preconditioner is not None and not callable(preconditioner):
-    raise TypeError(
-        f"{name}: preconditioner must be a callable base_state -> pytree "
-        f"of positive diagonal entries, got {type(preconditioner).__name__}.")
-  _validation.check_fraction("b2", b2)
-  _validation.check_non_negative("precond_eps", precond_eps)
-  _validation.check_bools(bias_correction=bias_correction)
-
-
-def preconditioned_rule(name: str, preconditioner: Any, b2: Any,
-                        precond_eps: Any, bias_correction: bool
-                        ) -> _skeleton.Rule:
-  """SAM's rule with the ascent gradient :math:`P^{-1} g`."""
-
-  def rule(step, method_state):
-    ascent = _preconditioner.preconditioned_ascent(
-        name, step.grads, step.params, step.base_state,
-        preconditioner=preconditioner, b2=b2, eps=precond_eps,
-        bias_correction=bias_correction)
-    g_sam, info = step.sam_gradient(ascent)
-    return g_sam, method_state, info
-
-  return rule
-
-
-def checked_init(name: str, tx: optax.GradientTransformationExtraArgs,
-                 preconditioner: Any) -> optax.GradientTransformationExtraArgs:
-  """``tx`` whose ``init`` fails clearly when the base state has no ``nu``."""
-
-  def init_fn(params):
-    state = tx.init(params)
-    if preconditioner is None:
-      _preconditioner.find_second_moment(name, state.base_state)
-    return state
-
-  return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
 
 @_skeleton.takes_sam_options
@@ -148,9 +101,10 @@ def preconditioned_sam(
     minimization broadens applicability of SAM
     <https://arxiv.org/abs/2502.02407>`_, ICML 2025.
   """
-  check_preconditioner_args("preconditioned_sam", options, preconditioner,
+  _preconditioner.check_args("preconditioned_sam", options, preconditioner,
                             b2, precond_eps, bias_correction)
-  rule = preconditioned_rule("preconditioned_sam", preconditioner, b2,
+  rule = _preconditioner.rule("preconditioned_sam", preconditioner, b2,
                              precond_eps, bias_correction)
   tx = _skeleton.variant("preconditioned_sam", base_tx, rule, rho, options)
-  return checked_init("preconditioned_sam", tx, preconditioner)
+  return _preconditioner.checked_init("preconditioned_sam", tx,
+                                      preconditioner)

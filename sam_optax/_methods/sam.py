@@ -51,7 +51,12 @@ def sam(
 
   ``update(updates, state, params, *, grad_fn, **extra_args)``: ``updates``
   is the gradient at ``params``; ``grad_fn(perturbed_params)`` returns the
-  gradient at the perturbed point. Other keyword arguments are passed on to
+  gradient at the perturbed point. Instead of ``grad_fn`` you may pass
+  ``obj_fn(params) -> loss`` (Levanter's and ``optax.contrib.sophia``'s
+  name; ``(loss, aux)`` with ``has_aux``): it is used as
+  ``grad_fn=jax.grad(obj_fn)``, or ``jax.value_and_grad(obj_fn)`` with
+  ``value_and_grad=True`` (the perturbed loss comes free); both at once is
+  an error. Other keyword arguments, ``obj_fn`` included, are passed on to
   ``base_tx``.
 
   Args:
