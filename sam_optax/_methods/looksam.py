@@ -139,5 +139,10 @@ def looksam(
     return lax.cond(jnp.remainder(step.step_count, period) == 0, sam_step,
                     reuse_step)
 
+  def zero_radius(step, method_state, mean_grads):
+    del step, mean_grads  # A step with ρ = 0 caches no direction.
+    return LookSAMState(optax.tree.zeros_like(method_state.orthogonal_grad))
+
   return _skeleton.variant("looksam", base_tx, rule, rho, options,
-                           init_method_state=init_method_state)
+                           init_method_state=init_method_state,
+                           zero_radius=zero_radius)
