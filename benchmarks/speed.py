@@ -47,6 +47,16 @@ Run (from the repository root; needs flax)::
   python benchmarks/speed.py --models mlp-s mlp-l \\
       --variants hand_asam sam_optax_asam --default-schedule-only  # ASAM only
 
+``--methods`` times every method of the package against the base step
+instead (``_method_speed.py``: the ~1M-param MLP at batch 32/128/512 and
+``cnn-s``/``transformer-s`` at 32/128; ``--quick``: the MLP at 32 and 128;
+``--methods rwp msam`` only those; ``--batches 64 256`` other sizes), with
+each method's target (gradients per step + 0.05), compiled temp memory and
+bytes accessed against the base step's; reports
+``speed_methods_<device>[_quick].{json,md}``::
+
+  python benchmarks/speed.py --methods --quick
+
 Reports go to the git-ignored ``benchmarks/results/local/speed_<device>
 [_quick].{json,md}`` (``<device>``: ``cpu`` or e.g.
 ``gpu-nvidia-h100-80gb-hbm3``); ``--write`` writes the tracked

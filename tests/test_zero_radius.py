@@ -299,3 +299,22 @@ def test_microbatched_and_low_precision_zero_step_is_the_base_step(dtype):
   norms = jax.vmap(optax.tree.norm)(per)
   np.testing.assert_allclose(s.ascent_norm, jnp.mean(norms.astype(
       jnp.float32)), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+
+
+def test_looksam_cache_cleared_when_rho_drops_to_zero():
+  """A SAM step caches g_v; a later zero-radius step clears it (and its
+  norm), so the reuse steps that follow are base steps."""
+  tx = sam_optax.looksam(base_tx(), every_k=3,
+                         rho=lambda t: jnp.where(t == 0, RHO, 0.0))
+  step = make_step(tx, Counter(), "looksam")
+  p, s = PARAMS, tx.init(PARAMS)
+  u, s = step(p, s)
+  assert float(s.method_state.orthogonal_norm) > 0
+  chex.assert_trees_all_close(s.method_state.orthogonal_norm,
+                              optax.tree.norm(s.method_state.orthogonal_grad),
+                              rtol=1e-6)
+  p = optax.apply_updates(p, u)
+  _, s = step(p, s)
+  assert float(s.method_state.orthogonal_norm) == 0
+  assert not any(jnp.any(x) for x in jax.tree.leaves(
+      s.method_state.orthogonal_grad))
