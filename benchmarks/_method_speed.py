@@ -44,6 +44,8 @@ METHODS = {
     "ae_sam": (None, "ae_sam(rho=0.05, threshold=0)"),
     "esam": (None, "esam(rho=0.05, beta=0.5, gamma=0.5)"),
     "sam_late": (1.0, "sam(rho=late_phase(0.05, 10**9)): rho = 0 here"),
+    "sam_late_on": (2.0, "sam(rho=late_phase(0.05, 0)): after the switch, "
+                    "SAM inside the zero-radius cond"),
     "msam": (1.0, "msam(rho=0.3)"),
     "rwp": (1.0, "rwp(std=0.01)"),
     "rwp_hash": (1.0, "rwp(std=0.01, generator='hash')"),
@@ -183,6 +185,8 @@ def make_steps(spec: _models.Spec, names):
                                          has_aux=True),
       "sam_late": lambda: sam_optax.sam(
           base(), rho=sam_optax.late_phase(RHO, 10**9), has_aux=True),
+      "sam_late_on": lambda: sam_optax.sam(
+          base(), rho=sam_optax.late_phase(RHO, 0), has_aux=True),
       "msam": lambda: sam_optax.msam(base(), rho=0.3),
       "rwp": lambda: sam_optax.rwp(base(), std=0.01),
       "rwp_hash": lambda: sam_optax.rwp(base(), std=0.01, generator="hash"),

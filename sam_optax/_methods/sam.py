@@ -152,6 +152,9 @@ def sam(
     ``lax.cond`` on the step's ρ (none for a Python ρ), the same in every
     method that calls ``grad_fn``. Under ``jax.vmap`` with a batched ρ the
     ``cond`` becomes a ``select``: both branches run (correct, not cheaper).
+    On XLA:CPU, convolutions inside the ``cond``'s SAM branch run on a
+    slower path (jax-ml/jax#12868): for a CNN on CPU with a scheduled ρ,
+    docs/variants.md shows how to switch between two Python radii instead.
 
   .. note::
     ``optax.MultiSteps(sam(base))`` is wrong: it perturbs along the running
