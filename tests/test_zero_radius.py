@@ -296,9 +296,7 @@ def test_microbatched_and_low_precision_zero_step_is_the_base_step(dtype):
           q, xs, ys))))(params, micro.init(params))
   mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), per)
   chex.assert_trees_all_close(u, base(mean, params), rtol=1e-6)
-  norms = jax.vmap(optax.tree.norm)(per)
-  np.testing.assert_allclose(s.ascent_norm, jnp.mean(norms.astype(
-      jnp.float32)), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+  assert float(s.ascent_norm) == 0 and float(s.radius) == 0
 
 
 def test_looksam_cache_cleared_when_rho_drops_to_zero():

@@ -128,30 +128,20 @@ class Step(NamedTuple):
     tree, norms = self.pmean((tree, info[:4]))
     return tree, _gradient.SAMInfo(*norms, info.aux)
 
-  def info_without_ascent(self, *, microbatched: bool = False
-                          ) -> _gradient.SAMInfo:
+  def info_without_ascent(self) -> _gradient.SAMInfo:
     """This device's info for a step that computes no ε (radius 0, loss NaN).
 
     The norms are those of the ascent the step would have taken (e.g. for
-    LookSAM's reuse steps; averaged over the micro-batches when
-    ``microbatched``); average them over devices with
-    :meth:`pmean_with_info`.
+    LookSAM's reuse steps); average them with :meth:`pmean_with_info`.
     """
-
-    def norms_of(g):
-      p = _perturbation.ascent_direction(
-          g, self.params, 0.0, adaptive=self.options.adaptive,
-          eta=self.options.eta, mask=self.options.mask,
-          adaptive_mask=self.options.adaptive_mask,
-          exact_norms=self.options.exact_norms)
-      zero = jnp.zeros([], jnp.float32)
-      return jax.tree.map(lambda x: x.astype(jnp.float32),
-                          (p.ascent_norm, zero, p.grad_norm, p.norm))
-
-    if microbatched:
-      norms = jax.tree.map(jnp.mean, jax.vmap(norms_of)(self.grads))
-    else:
-      norms = norms_of(self.grads)
+    p = _perturbation.ascent_direction(
+        self.grads, self.params, 0.0, adaptive=self.options.adaptive,
+        eta=self.options.eta, mask=self.options.mask,
+        adaptive_mask=self.options.adaptive_mask,
+        exact_norms=self.options.exact_norms)
+    zero = jnp.zeros([], jnp.float32)
+    norms = jax.tree.map(lambda x: x.astype(jnp.float32),
+                         (p.ascent_norm, zero, p.grad_norm, p.norm))
     loss = jnp.full([], jnp.nan, jnp.float32) if self.value_and_grad else None
     return _gradient.SAMInfo(*norms, aux=loss)
 
@@ -185,12 +175,16 @@ def zero_radius_step(step: Step, method_state: Any, *,
                      ) -> tuple[Any, Any, _gradient.SAMInfo]:
   """The rule's output at ρ = 0: the clean gradient (averaged over the
   devices and micro-batches), ``zero_radius``'s method state, no ε; no call
-  of ``grad_fn``."""
+  of ``grad_fn``. Every logged norm is 0 (no ascent was computed: measuring
+  ‖g‖ would cost a pass over the gradient), the perturbed loss NaN."""
   grads = step.grads
   if microbatched:
     grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-  grads, info = step.pmean_with_info(
-      grads, step.info_without_ascent(microbatched=microbatched))
+  grads = step.pmean(grads)
+  zero = jnp.zeros([], jnp.float32)
+  exact = zero if step.options.exact_norms else None
+  loss = jnp.full([], jnp.nan, jnp.float32) if step.value_and_grad else None
+  info = _gradient.SAMInfo(zero, zero, exact, exact, loss)
   return grads, zero_radius(step, method_state, grads), info
 
 
