@@ -139,6 +139,8 @@ MODELS: dict[str, Spec] = {
              128, (28, 28)),
         Spec("mlp-l", "MLP 784-2048-2048-10, batch 32", MLP((2048, 2048)),
              32, (28, 28)),
+        Spec("mlp-1m", "MLP 784-1024-256-10 (1.07M params), batch 128",
+             MLP((1024, 256)), 128, (28, 28)),
         Spec("cnn-s", "CNN+BN 16-32 ch, 16x16x3, batch 16", CNN((16, 32)),
              16, (16, 16, 3)),
         Spec("cnn-l", "CNN+BN 32-64-128 ch, 16x16x3, batch 16",

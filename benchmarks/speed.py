@@ -47,6 +47,16 @@ Run (from the repository root; needs flax)::
   python benchmarks/speed.py --models mlp-s mlp-l \\
       --variants hand_asam sam_optax_asam --default-schedule-only  # ASAM only
 
+``--methods`` times every method of the package against the base step
+instead (``_method_speed.py``: the ~1M-param MLP at batch 32/128/512 and
+``cnn-s``/``transformer-s`` at 32/128; ``--quick``: the MLP at 32 and 128;
+``--methods rwp msam`` only those; ``--batches 64 256`` other sizes), with
+each method's target (gradients per step + 0.05), compiled temp memory and
+bytes accessed against the base step's; reports
+``speed_methods_<device>[_quick].{json,md}``::
+
+  python benchmarks/speed.py --methods --quick
+
 Reports go to the git-ignored ``benchmarks/results/local/speed_<device>
 [_quick].{json,md}`` (``<device>``: ``cpu`` or e.g.
 ``gpu-nvidia-h100-80gb-hbm3``); ``--write`` writes the tracked
@@ -74,6 +84,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
+import _method_speed  # noqa: E402
 import _models  # noqa: E402
 
 import sam_optax  # noqa: E402
@@ -648,6 +659,15 @@ def main(argv=None):
   parser.add_argument("--default-schedule-only", action="store_true",
                       help="compile every step once, with XLA's default "
                       "schedule (faster; no memory-schedule table)")
+  parser.add_argument("--methods", nargs="*", metavar="METHOD",
+                      help="time every method of the package (or the "
+                      "ones named) against the base step instead: "
+                      "the ~1M-param MLP at batch 32/128/512 and cnn-s and "
+                      "transformer-s at 32/128 (--quick: the MLP at 32/128); "
+                      "see _method_speed.py")
+  parser.add_argument("--batches", nargs="+", type=int,
+                      help="with --methods: these batch sizes for every "
+                      "model")
   parser.add_argument("--render", metavar="JSON",
                       help="only rewrite the Markdown report of a saved "
                       "results file")
@@ -663,6 +683,8 @@ def main(argv=None):
     print(md)
     return saved["results"]
 
+  if args.methods is not None:
+    return main_methods(args, argv_used)
   models = args.models or (QUICK_MODELS if args.quick else
                            list(_models.MODELS))
   rounds = args.rounds or (8 if args.quick else 20)
@@ -692,6 +714,29 @@ def main(argv=None):
                        "sample_seconds": sample_s},
           "results": results}
   _common.publish(stem, data, markdown(results, info, argv_used, elapsed))
+  return results
+
+
+def main_methods(args, argv_used):
+  """``--methods``: every method against the base step (_method_speed)."""
+  stem = _common.output_stem(
+      args, f"speed_methods_{_common.device_slug()}"
+      + ("_quick" if args.quick else ""))
+  info = _common.machine()
+  _common.log(f"device {info['platform']}/{info['device_kind']}, "
+              f"{info.get('cpu_model')}, {info['cpu_cores']} cores; "
+              f"report -> {stem}.md")
+  start = time.perf_counter()
+  results = _method_speed.run(args.quick, args.models, args.rounds,
+                              args.sample_seconds, args.methods or None,
+                              args.compile_workers,
+                              batches=args.batches)
+  elapsed = time.perf_counter() - start
+  info["load_average_end"] = _common.load_average()
+  data = {"machine": info, "argv": argv_used, "elapsed_s": elapsed,
+          "results": results}
+  _common.publish(stem, data, _method_speed.markdown(
+      results, info, argv_used, elapsed))
   return results
 
 

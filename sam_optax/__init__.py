@@ -32,7 +32,7 @@ from sam_optax._methods.mesa import MESAState, mesa, teacher_params
 from sam_optax._methods.msam import MSAMState, msam
 from sam_optax._methods.preconditioned_sam import preconditioned_sam
 from sam_optax._methods.rst import RSTState, rst
-from sam_optax._methods.rwp import RWPState, rwp
+from sam_optax._methods.rwp import RWPState, hash_normal, rwp
 from sam_optax._methods.saf import SAFState, saf, saf_targets
 from sam_optax._methods.sam import sam
 
@@ -65,6 +65,7 @@ __all__ = (
     "functional_value_and_grad",
     "gsam",
     "gsam_rho_schedule",
+    "hash_normal",
     "late_phase",
     "looksam",
     "mark_varying",

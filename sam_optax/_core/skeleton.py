@@ -151,6 +151,79 @@ class Step(NamedTuple):
 Rule = Callable[[Step, Any], tuple[Any, Any, _gradient.SAMInfo]]
 # finish(step, updates, base_state, method_state) -> (updates, method_state).
 Finish = Callable[[Step, Any, Any, Any], tuple[Any, Any]]
+# zero_radius(step, method_state, mean_grads) -> method_state: the method's
+# state after a step whose ρ is 0 (``mean_grads``: the clean gradient
+# averaged over the devices and micro-batches, the one the base optimizer
+# applies).
+ZeroRadius = Callable[[Step, Any, Any], Any]
+
+
+def _keep_state(step: Step, method_state: Any, mean_grads: Any) -> Any:
+  del step, mean_grads
+  return method_state
+
+
+def is_python_zero(rho: Any) -> bool:
+  """Whether ``rho`` is the Python (or NumPy scalar) number 0."""
+  return (isinstance(rho, numbers.Number) and not isinstance(rho, bool)
+          and rho == 0)
+
+
+def zero_radius_step(step: Step, method_state: Any, *,
+                     microbatched: bool = False,
+                     zero_radius: ZeroRadius = _keep_state
+                     ) -> tuple[Any, Any, _gradient.SAMInfo]:
+  """The rule's output at ρ = 0: the clean gradient (averaged over the
+  devices and micro-batches), ``zero_radius``'s method state, no ε; no call
+  of ``grad_fn``. Every logged norm is 0 (no ascent was computed: measuring
+  ‖g‖ would cost a pass over the gradient), the perturbed loss NaN."""
+  grads = step.grads
+  if microbatched:
+    grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+  grads = step.pmean(grads)
+  zero = jnp.zeros([], jnp.float32)
+  exact = zero if step.options.exact_norms else None
+  loss = jnp.full([], jnp.nan, jnp.float32) if step.value_and_grad else None
+  info = _gradient.SAMInfo(zero, zero, exact, exact, loss)
+  return grads, zero_radius(step, method_state, grads), info
+
+
+def skip_at_zero_radius(rule: Rule, step: Step, method_state: Any, *,
+                        template: Any, microbatched: bool = False,
+                        zero_radius: ZeroRadius = _keep_state
+                        ) -> tuple[Any, Any, _gradient.SAMInfo]:
+  """``rule``, or :func:`zero_radius_step` where ρ is 0 at this step.
+
+  A Python ρ chooses in Python (no ``lax.cond``); a traced ρ (a schedule,
+  ``inject_hyperparams``) chooses with ``lax.cond``, so that a zero-radius
+  step calls no ``grad_fn``. Both branches average over the devices
+  themselves (ρ is the same on every device, so every device takes the same
+  branch). Under ``jax.vmap`` with a batched ρ the ``cond`` becomes a
+  ``select``: both branches run, the result is still the chosen one.
+  """
+  if isinstance(step.rho, numbers.Number):
+    if is_python_zero(step.rho):
+      return zero_radius_step(step, method_state, microbatched=microbatched,
+                              zero_radius=zero_radius)
+    return rule(step, method_state)
+
+  def typed(out):
+    gradient, new_state, info = out
+    gradient = jax.tree.map(lambda x, g: x.astype(g.dtype), gradient,
+                            template)
+    new_state = jax.tree.map(
+        lambda x, old: jnp.asarray(x).astype(jnp.result_type(old)),
+        new_state, method_state)
+    info = _gradient.SAMInfo(
+        *jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tuple(info[:4])),
+        None if info.aux is None else jnp.asarray(info.aux, jnp.float32))
+    return gradient, new_state, info
+
+  return lax.cond(
+      step.rho > 0, lambda: typed(rule(step, method_state)),
+      lambda: typed(zero_radius_step(step, method_state,
+                                     microbatched=microbatched,
+                                     zero_radius=zero_radius)))
 
 
 def applied_steps(count: jax.Array, base_state: Any) -> jax.Array:
@@ -206,7 +279,7 @@ def variant(name: str, base_tx: Any, rule: Rule,
   """:func:`transformation` for a method that takes ``sam``'s options as
   keyword arguments (``options``), with a clear error for unknown ones.
   ``skeleton_args`` go to :func:`transformation` (``init_method_state``,
-  ``needs_grad_fn``, ``finish``)."""
+  ``needs_grad_fn``, ``finish``, ``zero_radius``)."""
   unknown = sorted(set(options) - set(COMMON_OPTIONS))
   if unknown:
     raise TypeError(
@@ -268,6 +341,7 @@ def transformation(
     local_grads: bool = True,
     needs_grad_fn: bool = True,
     finish: Finish | None = None,
+    zero_radius: ZeroRadius | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a SAM-family transformation around ``rule``.
 
@@ -295,6 +369,12 @@ def transformation(
       the held params to the next perturbed point (MSAM). Methods whose held
       params are not the clean ones also register how to undo that with
       :func:`sam_optax._core.eval_params.register`.
+    zero_radius: ``zero_radius(step, method_state, mean_grads) ->
+      method_state``, the method's state after a step whose ρ is exactly 0
+      (default: unchanged). Such a step is the base optimizer's step on the
+      clean gradient and calls no ``grad_fn`` (:func:`skip_at_zero_radius`);
+      methods with ``needs_grad_fn=False`` (one gradient) always run
+      ``rule``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -344,14 +424,20 @@ def transformation(
                  lambda p: _unpack(grad_fn(p), has_aux, value_and_grad)),
         options=options, axis_name=axis_name, value_and_grad=value_and_grad,
         base_state=state.base_state)
-    gradient, method_state, info = rule(step, state.method_state)
+    template = jax.tree.map(lambda g: g[0], grads) if leading else grads
+    if needs_grad_fn:
+      gradient, method_state, info = skip_at_zero_radius(
+          rule, step, state.method_state, template=template,
+          microbatched=microbatched,
+          zero_radius=zero_radius or _keep_state)
+    else:
+      gradient, method_state, info = rule(step, state.method_state)
     perturbed_loss = sharpness = None
     if value_and_grad:
       perturbed_loss = _scalar_mean(info.aux, axis_name)
       clean_loss = extra_args.get("value")
       sharpness = (jnp.full([], jnp.nan, jnp.float32) if clean_loss is None
                    else perturbed_loss - _scalar_mean(clean_loss, axis_name))
-    template = jax.tree.map(lambda g: g[0], grads) if leading else grads
     gradient = jax.tree.map(lambda x, g: x.astype(g.dtype), gradient,
                             template)
     new_updates, base_state = base_tx.update(

@@ -103,12 +103,21 @@ def ae_sam(
     zero = jnp.zeros([], jnp.float32)
     return AESAMState(zero, zero)
 
-  def rule(step, method_state):
+  def moments(step, method_state):
     sq_norm = jnp.square(_tree.norm(step.grads)).astype(jnp.float32)
     sq_norm = step.pmean(sq_norm)
     d = jnp.asarray(decay, jnp.float32)
     mean = d * method_state.sq_norm_mean + (1 - d) * sq_norm
     var = d * method_state.sq_norm_var + (1 - d) * jnp.square(sq_norm - mean)
+    return sq_norm, mean, var
+
+  def zero_radius(step, method_state, mean_grads):
+    del mean_grads  # The moments track every step's ‖g‖², as in `rule`.
+    _, mean, var = moments(step, method_state)
+    return AESAMState(mean, var)
+
+  def rule(step, method_state):
+    sq_norm, mean, var = moments(step, method_state)
     # Not rho_at: a threshold may be negative (the paper's ends at -1).
     c = threshold(step.step_count) if callable(threshold) else threshold
     use_sam = sq_norm >= mean + jnp.asarray(c, jnp.float32) * jnp.sqrt(var)
@@ -120,4 +129,5 @@ def ae_sam(
     return g, AESAMState(mean, var), info
 
   return _skeleton.variant("ae_sam", base_tx, rule, rho, options,
-                           init_method_state=init_method_state)
+                           init_method_state=init_method_state,
+                           zero_radius=zero_radius)

@@ -106,11 +106,15 @@ def friendly_sam(
     ascent = _tree.add_scale(g, -jnp.asarray(sigma, jnp.float32), m)
     g_sam, info = step.local_sam_gradient(ascent)
     (g_sam, mean_g), info = step.pmean_with_info((g_sam, g), info)
+    return g_sam, next_state(step, method_state, mean_g), info
+
+  def next_state(step, method_state, mean_g):
+    m = method_state.grad_ema
     decay32 = jnp.asarray(decay, jnp.float32)
     new_m = optax.tree.where(step.step_count == 0, mean_g,
                              optax.tree.update_moment(mean_g, m, decay32, 1))
-    new_m = optax.tree.cast_like(new_m, m)
-    return g_sam, FriendlySAMState(new_m), info
+    return FriendlySAMState(optax.tree.cast_like(new_m, m))
 
   return _skeleton.variant("friendly_sam", base_tx, rule, rho, options,
-                           init_method_state=init_method_state)
+                           init_method_state=init_method_state,
+                           zero_radius=next_state)

@@ -15,15 +15,18 @@ from sam_optax._core import validation as _validation
 
 
 class LookSAMState(NamedTuple):
-  """What :func:`looksam` keeps between steps (``SAMState.method_state``).
+  r"""What :func:`looksam` keeps between steps (``SAMState.method_state``).
 
   Attributes:
     orthogonal_grad: the cached :math:`g_v`, the part of the last SAM
       gradient orthogonal to the clean gradient (params' structure, float32
       or float64; built from device-averaged gradients under ``axis_name``).
+    orthogonal_norm: :math:`\|g_v\|_2`, cached with it (so that the reuse
+      steps do not read :math:`g_v` twice).
   """
 
   orthogonal_grad: Any  # like params, float32 (float64 for float64 leaves)
+  orthogonal_norm: Any = None  # shape=(), float32 (float64 with float64)
 
 
 @_skeleton.takes_sam_options
@@ -111,7 +114,8 @@ def looksam(
   _validation.check_positive_int("every_k", every_k)
 
   def init_method_state(params):
-    return LookSAMState(_tree.to_compute(optax.tree.zeros_like(params)))
+    cache = _tree.to_compute(optax.tree.zeros_like(params))
+    return LookSAMState(cache, jnp.zeros([], _tree.accumulation_dtype(cache)))
 
   def rule(step, method_state):
     g = _tree.to_compute(step.grads)
@@ -124,11 +128,12 @@ def looksam(
       # to α‖g‖: cache 0 instead, so that LookSAM is the base optimizer.
       g_v = _tree.add_scale(optax.tree.zeros_like(g_v), step.rho > 0, g_v)
       g_v = optax.tree.cast_like(g_v, method_state.orthogonal_grad)
-      return g_s, LookSAMState(g_v), info
+      v_norm = _tree.norm(g_v).astype(method_state.orthogonal_norm.dtype)
+      return g_s, LookSAMState(g_v, v_norm), info
 
     def reuse_step():
       g_v = method_state.orthogonal_grad
-      scale = _tree.safe_div(_tree.norm(g), _tree.norm(g_v))
+      scale = _tree.safe_div(_tree.norm(g), method_state.orthogonal_norm)
       direction = _tree.add_scale(
           g, jnp.asarray(alpha, jnp.float32) * scale, g_v)
       direction, info = step.pmean_with_info(direction,
@@ -139,5 +144,11 @@ def looksam(
     return lax.cond(jnp.remainder(step.step_count, period) == 0, sam_step,
                     reuse_step)
 
+  def zero_radius(step, method_state, mean_grads):
+    del step, mean_grads  # A step with ρ = 0 caches no direction.
+    return LookSAMState(optax.tree.zeros_like(method_state.orthogonal_grad),
+                        jnp.zeros_like(method_state.orthogonal_norm))
+
   return _skeleton.variant("looksam", base_tx, rule, rho, options,
-                           init_method_state=init_method_state)
+                           init_method_state=init_method_state,
+                           zero_radius=zero_radius)

@@ -161,6 +161,18 @@ def sam(
     those of the perturbed pass (``has_aux=True``), as google-research/sam.
 
   .. note::
+    A step whose ρ is exactly 0 (a schedule such as
+    :func:`sam_optax.late_phase`, or ρ set to 0 under
+    ``optax.inject_hyperparams``) is the base optimizer's step on the clean
+    gradient, bit for bit, and calls no ``grad_fn``: the choice is a
+    ``lax.cond`` on the step's ρ (none for a Python ρ), the same in every
+    method that calls ``grad_fn``. Under ``jax.vmap`` with a batched ρ the
+    ``cond`` becomes a ``select``: both branches run (correct, not cheaper).
+    On XLA:CPU, convolutions inside the ``cond``'s SAM branch run on a
+    slower path (jax-ml/jax#12868): for a CNN on CPU with a scheduled ρ,
+    docs/variants.md shows how to switch between two Python radii instead.
+
+  .. note::
     ``optax.MultiSteps(sam(base))`` is wrong: it perturbs along the running
     mean of the micro-batch gradients and evaluates only the last micro-batch
     there. Use ``sam(optax.MultiSteps(base, k))``: SAM per micro-batch, SAM

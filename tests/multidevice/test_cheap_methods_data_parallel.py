@@ -15,6 +15,7 @@ come out identical on every device:
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -43,6 +44,11 @@ TXS = {
                                    rho=RHO, axis_name="batch"),
     "rwp": lambda: sam_optax.rwp(optax.sgd(LR), std=STD, seed=SEED,
                                  axis_name="batch"),
+    # The fast generator and the stored noise: the same noise on every
+    # device (replicated key), the state replicated.
+    "rwp_hash": lambda: sam_optax.rwp(optax.sgd(LR), std=STD, seed=SEED,
+                                      axis_name="batch", generator="hash",
+                                      store_noise=True),
     "rst": lambda: sam_optax.rst(optax.sgd(LR), rho=RHO, probability=0.5,
                                  seed=SEED, axis_name="batch"),
     "ae_sam": lambda: sam_optax.ae_sam(optax.sgd(LR), rho=RHO,
@@ -52,13 +58,18 @@ TXS = {
 STEPS = 5
 
 
-def rwp_noise(t, stds):
-  """The documented draws: split(fold_in(key, t), 3), leaves b1, w1, w2."""
-  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(SEED), t), 3)
+def rwp_noise(t, stds, generator="threefry"):
+  """The documented draws: split(fold_in(key, t), 3), leaves b1, w1, w2
+  (``"hash"``: three round keys per leaf from bits(fold_in(key, t)))."""
+  step_key = jax.random.fold_in(jax.random.PRNGKey(SEED), t)
+  keys = jax.random.split(step_key, 3)
+  round_keys = jax.random.bits(step_key, (3, 3), jnp.uint32)
   out = {}
-  for k, name in zip(keys, sorted(PARAMS)):
-    z = np.asarray(jax.random.normal(k, PARAMS[name].shape), np.float64)
-    out[name] = z * stds[name]
+  for i, (k, name) in enumerate(zip(keys, sorted(PARAMS))):
+    shape = PARAMS[name].shape
+    z = (sam_optax.hash_normal(round_keys[i], shape) if generator == "hash"
+         else jax.random.normal(k, shape))
+    out[name] = np.asarray(z, np.float64) * stds[name]
   return vec(out)
 
 
@@ -89,11 +100,12 @@ def reference(name, data=DATA, variant=None):
       w = w - LR * v
       s = 1.0 / (np.linalg.norm(v) + 1e-12)
       continue
-    if name == "rwp":
+    if name.startswith("rwp"):
       g = [shard_grad(w + eps, i, data) for i in range(N_DEV)]
       g_mean = g[0] if variant == "one_shard" else np.mean(g, axis=0)
       w = w - LR * g_mean
-      eps = rwp_noise(t + 1, rwp_stds(w))
+      eps = rwp_noise(t + 1, rwp_stds(w),
+                      "hash" if name == "rwp_hash" else "threefry")
       continue
     g = [shard_grad(w, i, data) for i in range(N_DEV)]
     g_mean = np.mean(g, axis=0)
@@ -115,7 +127,7 @@ def reference(name, data=DATA, variant=None):
     w = w - LR * update
   if name == "msam":
     return w - RHO * s * v, w, used
-  if name == "rwp":
+  if name.startswith("rwp"):
     return w + eps, w, used
   return w, w, used
 
