@@ -53,23 +53,43 @@ def vdot(a: Any, b: Any) -> jax.Array:
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:
-  """√x with derivative 0 (not NaN) at x = 0."""
-  positive = x > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+  """√x with derivative 0 (not NaN) at x = 0; NaN stays NaN."""
+  zero = x == 0
+  return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
 
 
 def norm(tree: Any) -> jax.Array:
   """‖tree‖₂ over the float leaves, in :func:`accumulation_dtype`.
 
   Differentiable everywhere (derivative 0 at a zero tree). The sum of squares
-  is accumulated in that dtype, so it overflows (gives inf) when ‖tree‖
-  exceeds about 1.8e19 in float32: callers that divide by it must treat inf
-  as a fault, not as a large number (see :func:`sam_optax.ascent_direction`).
+  is accumulated in that dtype; where it overflows (a float32 sum passes
+  3.4e38 when ‖tree‖ exceeds about 1.8e19, e.g. a bfloat16 gradient of
+  1e20) while every leaf is finite, the norm is computed again with the
+  leaves divided by their largest magnitude, as BLAS ``nrm2`` does: the
+  result is finite whenever the norm itself is representable. That second
+  pass is a ``lax.cond`` branch, run only after an overflow (under
+  ``jax.vmap`` with a batched tree both branches run). A NaN leaf gives
+  NaN, an infinite one inf.
   """
   dtype = accumulation_dtype(tree)
-  squared = jnp.asarray(
-      optax.tree.norm(to_compute(float_leaves(tree)), squared=True), dtype)
-  return _safe_sqrt(squared)
+  leaves = [x for x in jax.tree.leaves(to_compute(float_leaves(tree)))]
+  if not leaves:
+    return jnp.zeros([], dtype)
+  squared = jnp.asarray(optax.tree.norm(leaves, squared=True), dtype)
+
+  def rescaled():
+    largest = jnp.max(jnp.stack(
+        [jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    # The norm does not depend on the scale: no derivative through it.
+    scale = jax.lax.stop_gradient(
+        jnp.where(jnp.isfinite(largest) & (largest > 0), largest, 1))
+    sum_scaled = jnp.asarray(optax.tree.norm(
+        [x.astype(dtype) / scale for x in leaves], squared=True), dtype)
+    return jnp.where(jnp.isfinite(largest), scale * jnp.sqrt(sum_scaled),
+                     largest)
+
+  return jax.lax.cond(jnp.isinf(squared), rescaled,
+                      lambda: _safe_sqrt(squared))
 
 
 def safe_div(num: Any, den: Any) -> jax.Array:
