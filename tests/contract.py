@@ -34,11 +34,14 @@ class Problem(NamedTuple):
     params: the initial params.
     target: the minimiser.
     terms: ``params -> (n,)`` terms whose sum is the loss (ESAM's examples).
+    outputs_fn: ``params -> (1, NUM_OUTPUTS)``, the "logits" SAF and MESA
+      track (default: the first params, see :meth:`outputs`).
   """
 
   params: Any
   target: Any
   terms: Callable[[Any], jax.Array]
+  outputs_fn: Callable[[Any], jax.Array] | None = None
 
   def loss(self, params):
     return jnp.sum(self.terms(params))
@@ -61,6 +64,8 @@ class Problem(NamedTuple):
 
   def outputs(self, params):
     """The two "logits" of the one example SAF and MESA track."""
+    if self.outputs_fn is not None:
+      return self.outputs_fn(params).astype(jnp.float32)
     flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
     return jnp.tile(flat, NUM_OUTPUTS)[:NUM_OUTPUTS][None].astype(jnp.float32)
 

@@ -49,7 +49,10 @@ def vdot(a: Any, b: Any) -> jax.Array:
   """⟨a, b⟩ over the float leaves, in :func:`accumulation_dtype`."""
   dtype = accumulation_dtype(a)
   a, b = to_compute(float_leaves(a)), to_compute(float_leaves(b))
-  return jnp.asarray(optax.tree.vdot(a, b), dtype)
+  # Leaf by leaf, without flattening (optax.tree.vdot ravels each leaf,
+  # which explicitly sharded arrays do not allow without a resharding).
+  products = jax.tree.map(lambda x, y: jnp.sum(x * y, dtype=dtype), a, b)
+  return sum(jax.tree.leaves(products), jnp.zeros([], dtype))
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:
