@@ -141,8 +141,9 @@ BASES = {
 
 # The step-size scale of the convergence runs: the listed optimizer's step
 # times a cosine decay from this value to 0 (optax's battery instead learns
-# the scale with ``contrib.mechanize``, which compiles 8x slower). Plain
-# gradient steps need a smaller scale for Rosenbrock's curvature (~1000).
+# the scale with ``contrib.mechanize``, which compiles far slower). Plain
+# gradient steps need a smaller scale for Rosenbrock's curvature (~1000);
+# sm3's Adagrad-like step already shrinks.
 SCALES = {"sgd": 1e-3, "sgd_momentum": 1e-3, "noisy_sgd": 1e-3,
           "optimistic_gradient_descent": 1e-3, "sm3": 1.0}
 SCALE = 1e-2
