@@ -80,17 +80,89 @@ def test_apply_if_finite_inside_skips_the_whole_step(name, where):
   chex.assert_tree_all_finite(faulty[-1])
 
 
-def test_overflowing_norm_is_a_fault_not_a_silent_zero():
-  # ‖g‖² of a bf16 gradient of 1e20 overflows float32: ε must not become 0
-  # (SAM silently off) but NaN, which the guard above catches.
-  g = {"w": jnp.full((4,), 1e20, jnp.bfloat16)}
-  p = sam_optax.ascent_direction(g, g, 0.05)
-  assert np.isinf(float(p.ascent_norm))
-  assert np.all(np.isnan(np.asarray(p.epsilon["w"], np.float32)))
+def test_bf16_gradient_of_1e20_keeps_its_finite_norm():
+  # ‖g‖² of a bf16 gradient of 1e20 overflows the float32 sum, but the
+  # gradient and its norm (2e20) are finite: the norm is rescaled by the
+  # largest magnitude, and ε has radius ρ (it used to be inf and NaN: SAM
+  # silently off).
+  g = {"w": jnp.full((4,), 1e20, jnp.bfloat16),
+       "v": jnp.full((2,), -3e19, jnp.bfloat16)}
+  p = sam_optax.ascent_direction(g, g, 0.05, exact_norms=True)
+  g32 = np.concatenate([np.asarray(g["w"], np.float64),
+                        np.asarray(g["v"], np.float64)])
+  np.testing.assert_allclose(float(p.ascent_norm), np.linalg.norm(g32),
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      np.concatenate([p.epsilon["w"], p.epsilon["v"]]),
+      0.05 * g32 / np.linalg.norm(g32), rtol=1e-6)
+  np.testing.assert_allclose(float(p.radius), 0.05, rtol=1e-6)
+  # Through the transformation, the whole step is finite.
+  params = {"w": jnp.ones(4, jnp.bfloat16), "v": jnp.ones(2, jnp.bfloat16)}
+  tx = sam_optax.sam(optax.sgd(1e-22), rho=0.05, exact_norms=True)
+  updates, state = tx.update(g, tx.init(params), params,
+                             grad_fn=lambda p: g)
+  chex.assert_tree_all_finite((updates, state))
+  np.testing.assert_allclose(float(state.grad_norm), np.linalg.norm(g32),
+                             rtol=1e-6)
+  # The rescaled norm's derivative is still g/‖g‖.
+  big = jnp.array([3e20, 4e20], jnp.float32)
+  np.testing.assert_allclose(jax.grad(lambda x: sam_optax.ascent_direction(
+      {"w": x}, {"w": x}, 0.1).ascent_norm)(big), [0.6, 0.8], rtol=1e-6)
   # A large but representable norm is fine.
   g = {"w": jnp.full((4,), 1e15, jnp.float32)}
   p = sam_optax.ascent_direction(g, g, 0.05)
   np.testing.assert_allclose(p.epsilon["w"], 0.025, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
+def test_a_non_finite_gradient_is_a_fault_not_a_silent_zero(bad):
+  # An inf or NaN gradient: ε is NaN (never 0, which would switch SAM off
+  # silently), so that sam(optax.apply_if_finite(base)) skips the step.
+  g = {"w": jnp.array([1.0, bad, 2.0], jnp.bfloat16)}
+  p = sam_optax.ascent_direction(g, g, 0.05)
+  assert np.all(np.isnan(np.asarray(p.epsilon["w"], np.float32)))
+  assert not np.isfinite(float(p.ascent_norm))
+
+
+@methods
+def test_nan_in_the_clean_gradient_logs_a_nan_grad_norm(name):
+  # The log is how a user finds the fault: a NaN in one element of the
+  # clean gradient reads grad_norm = NaN (it read 0.0).
+  params = helpers.quadratic_params()
+  g = helpers.quadratic_grad(params)
+  g = {**g, "b": g["b"].at[1].set(jnp.nan)}
+  tx = FACTORIES[name](optax.sgd(LR), exact_norms=True)
+  _, state = jax.jit(lambda g: tx.update(
+      g, tx.init(params), params, grad_fn=helpers.quadratic_grad))(g)
+  assert np.isnan(float(state.grad_norm))
+  assert np.isnan(float(state.ascent_norm))
+
+
+def test_complex_params_through_ascent_direction_are_named():
+  # SAM's ε is not defined for complex leaves here (as in the
+  # transformations): a clear error naming the leaf, not jax's TypeError.
+  w = {"a": jnp.ones(2), "z": jnp.array([1 + 2j, 3 - 1j], jnp.complex64)}
+  with pytest.raises(ValueError, match="Complex params.*'z'.*real and "
+                     "imaginary"):
+    sam_optax.ascent_direction(w, w, 0.05)
+  real = {"a": jnp.ones(2), "z": jnp.ones(2)}
+  with pytest.raises(ValueError, match="Complex gradient.*'z'"):
+    sam_optax.ascent_direction(w, real, 0.05)
+
+
+def test_microbatched_without_the_leading_axis_says_micro_batch():
+  params = helpers.quadratic_params()
+  g = helpers.quadratic_grad(params)  # No leading micro-batch axis.
+  tx = sam_optax.sam(optax.sgd(LR), microbatched=True)
+  with pytest.raises(ValueError, match="microbatched=True.*micro-batch axis"):
+    tx.update(g, tx.init(params), params, grad_fn=helpers.quadratic_grad)
+  with pytest.raises(ValueError, match="micro-batch axis"):
+    sam_optax.sam_gradient(helpers.quadratic_grad, params, g,
+                           microbatched=True)
+  # Stacked per micro-batch, it runs.
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x]), g)
+  sam_optax.sam_gradient(jax.vmap(helpers.quadratic_grad), params, stacked,
+                         microbatched=True)
 
 
 class LossScale(NamedTuple):

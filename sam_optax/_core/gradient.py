@@ -137,6 +137,14 @@ def conform_to_params(tree: Any, params: Any, tree_name: str,
       jax.tree_util.tree_flatten_with_path(params)[0], leaves):
     where = _masks.path_str(path) or "the root"
     expected = tuple(leading) + tuple(jnp.shape(param))
+    if leading and tuple(jnp.shape(leaf)) != expected:
+      raise ValueError(
+          f"{tree_name} has shape {jnp.shape(leaf)} at {where!r} where "
+          f"{expected} was expected: with microbatched=True every leaf needs "
+          f"a leading micro-batch axis (of size {leading[0]}, read from the "
+          "first leaf) before the param's shape. Compute one gradient per "
+          "micro-batch, e.g. jax.vmap(jax.grad(loss), in_axes=(None, 0))"
+          "(params, sam_optax.split_microbatches(batch, k)).")
     if tuple(jnp.shape(leaf)) != expected:
       raise ValueError(
           f"{tree_name} has shape {jnp.shape(leaf)} at {where!r} where "

@@ -69,10 +69,12 @@ def ascent_direction(
   The norm is global, over every leaf that ``mask`` selects; masked-out leaves
   get ε = 0 and do not enter the norm. With ``adaptive=True``, leaves that
   ``adaptive_mask`` leaves out use ``T = 1``. Non-float leaves are never
-  perturbed. A zero gradient gives ε = 0 exactly; a gradient whose norm is
-  not finite (it holds inf or NaN, or its squares overflow the float32 sum)
-  gives ε = NaN, so that the fault shows and a guard such as
-  ``sam(optax.apply_if_finite(base, ...))`` skips the step.
+  perturbed. A zero gradient gives ε = 0 exactly; a gradient that holds inf
+  or NaN gives ε = NaN (and a NaN norm), so that the fault shows and a
+  guard such as ``sam(optax.apply_if_finite(base, ...))`` skips the step.
+  A finite gradient whose squares overflow the float32 sum (a bfloat16
+  gradient of 1e20) still gets its finite norm (rescaled, as BLAS ``nrm2``)
+  and ε of radius ρ. Complex leaves are rejected (``ValueError``).
 
   Args:
     grads: the gradient at ``params`` (a pytree like ``params``).
@@ -97,6 +99,7 @@ def ascent_direction(
     >>> p.epsilon['w'], float(p.ascent_norm), float(p.radius)
     (Array([0.3, 0.4], dtype=float32), 5.0, 0.5)
   """
+  _reject_complex(grads, params)
   treedef = jax.tree.structure(grads)
   params = treedef.unflatten(treedef.flatten_up_to(params))
 
@@ -129,9 +132,10 @@ def ascent_direction(
       jnp.asarray(rho).astype(dtype),
       ascent_norm + jnp.asarray(eps).astype(dtype))
   factor = jnp.where(ascent_norm > 0, factor, 0)
-  # An infinite norm (an inf gradient, or finite ones whose squares overflow,
-  # e.g. a bf16 gradient of 1e20) would give ε = 0: SAM silently off. Make
-  # it a NaN instead, which sam(optax.apply_if_finite(base)) skips and counts.
+  # An infinite or NaN norm (an inf or NaN in the gradient; finite ones
+  # whose squares overflow are rescaled by _tree.norm) would give ε = 0: SAM
+  # silently off. Make it a NaN instead, which
+  # sam(optax.apply_if_finite(base)) skips and counts.
   factor = jnp.where(jnp.isfinite(ascent_norm), factor, jnp.nan)
   epsilon = jax.tree.map(lambda d: factor.astype(d.dtype) * d, direction)
   radius = factor * ascent_norm
@@ -140,6 +144,18 @@ def ascent_direction(
     grad_norm = _tree.norm(g) if adaptive else ascent_norm
     norm = factor * _tree.norm(direction) if adaptive else radius
   return Perturbation(epsilon, ascent_norm, radius, grad_norm, norm)
+
+
+def _reject_complex(grads: Any, params: Any) -> None:
+  """A clear error for complex leaves (whose ε SAM does not define)."""
+  for what, tree in (("params", params), ("gradient", grads)):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if jnp.iscomplexobj(leaf):
+        raise ValueError(
+            f"Complex {what} are not supported (leaf "
+            f"{_masks.path_str(path) or 'the root'!r}): split complex params "
+            "into real and imaginary parts (two real leaves), whose ε is "
+            "then SAM's.")
 
 
 def perturb(params: Any, epsilon: Any, *, keep_dtype: bool = True) -> Any:

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def is_float(leaf: Any) -> bool:
@@ -49,27 +48,49 @@ def vdot(a: Any, b: Any) -> jax.Array:
   """⟨a, b⟩ over the float leaves, in :func:`accumulation_dtype`."""
   dtype = accumulation_dtype(a)
   a, b = to_compute(float_leaves(a)), to_compute(float_leaves(b))
-  return jnp.asarray(optax.tree.vdot(a, b), dtype)
+  # Leaf by leaf, without flattening (optax.tree.vdot ravels each leaf,
+  # which explicitly sharded arrays do not allow without a resharding).
+  products = jax.tree.map(lambda x, y: jnp.sum(x * y, dtype=dtype), a, b)
+  return sum(jax.tree.leaves(products), jnp.zeros([], dtype))
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:
-  """√x with derivative 0 (not NaN) at x = 0."""
-  positive = x > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+  """√x with derivative 0 (not NaN) at x = 0; NaN stays NaN."""
+  zero = x == 0
+  return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
+
+
+# The scale of norm()'s overflow-free second sum: (x·2⁻⁸⁰)² stays below
+# float32's 3.4e38 for any finite float32 or bfloat16 x, summed over up to
+# 1e9 elements.
+_SMALL = 2.0 ** -80
 
 
 def norm(tree: Any) -> jax.Array:
   """‖tree‖₂ over the float leaves, in :func:`accumulation_dtype`.
 
   Differentiable everywhere (derivative 0 at a zero tree). The sum of squares
-  is accumulated in that dtype, so it overflows (gives inf) when ‖tree‖
-  exceeds about 1.8e19 in float32: callers that divide by it must treat inf
-  as a fault, not as a large number (see :func:`sam_optax.ascent_direction`).
+  is accumulated in that dtype, so a float32 sum overflows when ‖tree‖
+  exceeds about 1.8e19 (e.g. a bfloat16 gradient of 1e20) although every
+  leaf is finite. The same pass over the leaves (XLA fuses the two sums)
+  also sums the squares of the leaves scaled by 2⁻⁸⁰, which cannot
+  overflow; where the plain sum is inf, the norm is read from that one,
+  ``2⁸⁰ √Σ(x 2⁻⁸⁰)²`` (the elements it loses to underflow, below about 1e5,
+  weigh nothing next to a sum past 3.4e38). So the norm is finite whenever
+  it is representable, with no second pass, no ``lax.cond`` and no extra
+  buffer on the normal path. A NaN leaf gives NaN, an infinite one inf.
   """
   dtype = accumulation_dtype(tree)
-  squared = jnp.asarray(
-      optax.tree.norm(to_compute(float_leaves(tree)), squared=True), dtype)
-  return _safe_sqrt(squared)
+  leaves = jax.tree.leaves(to_compute(float_leaves(tree)))
+  if not leaves:
+    return jnp.zeros([], dtype)
+  squared = sum((jnp.sum(jnp.square(x), dtype=dtype) for x in leaves),
+                jnp.zeros([], dtype))
+  small = jnp.asarray(_SMALL, dtype)
+  scaled = sum((jnp.sum(jnp.square(x * small.astype(x.dtype)), dtype=dtype)
+                for x in leaves), jnp.zeros([], dtype))
+  return jnp.where(jnp.isinf(squared), _safe_sqrt(scaled) / small,
+                   _safe_sqrt(squared))
 
 
 def safe_div(num: Any, den: Any) -> jax.Array:

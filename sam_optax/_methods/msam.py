@@ -35,8 +35,9 @@ class MSAMState(NamedTuple):
   momentum_norm: jax.Array  # shape=(), dtype=jnp.float32
 
 
-def _momentum(base_state: Any) -> Any:
-  """The base optimizer's momentum buffer (its ``trace`` or ``mu``)."""
+def _momentum(base_state: Any, params: Any = None) -> Any:
+  """The base optimizer's momentum buffer (its ``trace`` or ``mu``), checked
+  to be shaped like ``params`` when they are given."""
   found = {}
   for name in _MOMENTUM_NAMES:
     try:
@@ -53,7 +54,19 @@ def _momentum(base_state: Any) -> Any:
         f"one of the state fields {list(_MOMENTUM_NAMES)}; found "
         f"{sorted(found)}. Use e.g. optax.sgd(lr, momentum=0.9) (field "
         "`trace`) or optax.adam (field `mu`).")
-  return next(iter(found.values()))
+  (name, value), = found.items()
+  if params is not None:
+    same = jax.tree.structure(value) == jax.tree.structure(params) and all(
+        jnp.shape(v) == jnp.shape(p) for v, p in
+        zip(jax.tree.leaves(value), jax.tree.leaves(params)))
+    if not same:
+      raise ValueError(
+          f"msam perturbs along the base optimizer's momentum, but its "
+          f"`{name}` field is not shaped like the params (e.g. optax.sm3 "
+          "keeps per-axis accumulators in `mu`). Use a base optimizer "
+          "whose momentum is param-shaped, e.g. optax.sgd(lr, "
+          "momentum=0.9) or optax.adam.")
+  return value
 
 
 def _unperturb(sam_state: _skeleton.SAMState, params: Any) -> Any:
@@ -191,11 +204,16 @@ def msam(
         u, _tree.to_compute(v_old), _tree.to_compute(v_new), updates)
     return new_updates, MSAMState(c_new, v_norm)
 
+  def init_method_state(params):
+    # Checks the momentum at init (abstractly: no second base state).
+    base_init = _validation.check_base(base_tx).init
+    _momentum(jax.eval_shape(base_init, params), params)
+    return MSAMState(jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
+
   return _skeleton.transformation(
       "msam", base_tx, rule, rho, _gradient.AscentOptions(eps=eps),
       axis_name=axis_name, needs_grad_fn=False, finish=finish,
-      init_method_state=lambda params: MSAMState(
-          jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)))
+      init_method_state=init_method_state)
 
 
 _eval_params.register(MSAMState, _unperturb)
