@@ -229,6 +229,29 @@ def mesa_step(tx, problem, params, state, **extra):
   return tx.update(jax.grad(loss)(params), state, params, **extra)
 
 
+def functional_step(tx, problem, params, state, **extra):
+  """Functional-SAM: the outputs (the per-example terms) and the loss of the
+  outputs (their sum) instead of ``grad_fn``."""
+  return tx.update(problem.grad(params), state, params,
+                   outputs_fn=problem.terms, loss_fn=jnp.sum, **extra)
+
+
+def has_adam_second_moment(base_state, params) -> bool:
+  """Whether the base state holds exactly one param-shaped ``nu`` with a
+  ``count`` next to it: what the preconditioned ascent reads."""
+  found = [x for x in jax.tree.leaves(
+      base_state, is_leaf=lambda x: hasattr(x, "_fields") and "nu" in
+      x._fields) if hasattr(x, "_fields") and "nu" in x._fields]
+  if len(found) != 1 or "count" not in found[0]._fields:
+    return False
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(found[0].nu)]
+  return (jax.tree.structure(found[0].nu) == jax.tree.structure(params)
+          and shapes == [jnp.shape(x) for x in jax.tree.leaves(params)])
+
+
+NEEDS_NU = (ValueError, "`nu`")
+
+
 class Method(NamedTuple):
   """One method in the battery.
 
@@ -298,6 +321,16 @@ METHODS = {
         saf_step,
         static_args=("num_examples", "num_outputs", "steps_per_epoch",
                      "start_epoch", "minus_epoch"), radius=None),
+    "preconditioned_sam": Method(
+        sam_optax.preconditioned_sam, {"rho": RHO}, grad_fn_step,
+        static_args=("bias_correction",), needs=has_adam_second_moment,
+        needs_error=NEEDS_NU),
+    "functional_sam": Method(sam_optax.functional_sam, {"rho": RHO},
+                             functional_step),
+    "functional_sam_preconditioned": Method(
+        sam_optax.functional_sam, {"rho": RHO, "preconditioned": True},
+        functional_step, static_args=("preconditioned", "bias_correction"),
+        needs=has_adam_second_moment, needs_error=NEEDS_NU),
     "mesa": Method(sam_optax.mesa, {"decay": 0.9, "start_step": 4},
                    mesa_step, static_args=("start_step",), radius=None),
 }

@@ -63,7 +63,9 @@ def adam_denominator(moment_state: Any, params: Any, *, b2: Any,
   nu = treedef.unflatten(treedef.flatten_up_to(nu))
   scale = jnp.ones([], jnp.float32)
   if bias_correction:
-    count = getattr(moment_state, "count", None)
+    # Not getattr: a NamedTuple without the field has tuple.count.
+    count = (moment_state.count if "count" in moment_state._fields
+             else None)
     if count is None:
       raise ValueError(
           "bias_correction=True needs the step count next to `nu` in the "
@@ -148,14 +150,43 @@ def rule(name: str, preconditioner: Any, b2: Any, precond_eps: Any,
   return preconditioned
 
 
+def check_second_moment(name: str, moment_state: Any, params: Any, *,
+                        bias_correction: bool) -> None:
+  """``nu`` must be shaped like the params (novograd's per-layer scalars,
+  for one, are not Adam's diagonal), with a ``count`` next to it when
+  ``bias_correction`` (rmsprop and sm3 keep none)."""
+  treedef = jax.tree.structure(params)
+  try:
+    nu = treedef.flatten_up_to(moment_state.nu)
+  except (ValueError, TypeError):
+    nu = None
+  if nu is None or [jnp.shape(v) for v in nu] != [
+      jnp.shape(w) for w in treedef.flatten_up_to(params)]:
+    raise ValueError(
+        f"{name} reads Adam's second moment `nu` from the base optimizer's "
+        f"state, but the `nu` of {type(moment_state).__name__} is not "
+        "shaped like the params. Use an Adam-family base or pass "
+        "preconditioner=lambda base_state: P.")
+  if bias_correction and "count" not in moment_state._fields:
+    raise ValueError(
+        f"{name}: bias_correction=True needs the step count next to `nu` "
+        f"in the base optimizer's state, and {type(moment_state).__name__} "
+        "has none (e.g. optax.rmsprop); pass bias_correction=False.")
+
+
 def checked_init(name: str, tx: optax.GradientTransformationExtraArgs,
-                 preconditioner: Any) -> optax.GradientTransformationExtraArgs:
-  """``tx`` whose ``init`` fails clearly when the base state has no ``nu``."""
+                 preconditioner: Any, *, bias_correction: bool = True
+                 ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``init`` fails clearly when the base state has no usable
+  ``nu`` (none, several, not param-shaped, or no ``count`` to correct
+  it)."""
 
   def init_fn(params):
     state = tx.init(params)
     if preconditioner is None:
-      find_second_moment(name, state.base_state)
+      moment = find_second_moment(name, state.base_state)
+      check_second_moment(name, moment, params,
+                          bias_correction=bias_correction)
     return state
 
   return optax.GradientTransformationExtraArgs(init_fn, tx.update)

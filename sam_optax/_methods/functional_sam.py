@@ -168,7 +168,8 @@ def functional_sam(
   value_and_grad = bool(options.get("value_and_grad", False))
   inner = _skeleton.variant(name, base_tx, rule, rho, options)
   if preconditioned:
-    inner = _preconditioner.checked_init(name, inner, preconditioner)
+    inner = _preconditioner.checked_init(name, inner, preconditioner,
+                                         bias_correction=bias_correction)
 
   def update_fn(updates, state, params=None, *, outputs_fn=None,
                 output_grads=None, loss_fn=None, grad_fn=None,

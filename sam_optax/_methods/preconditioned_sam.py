@@ -107,4 +107,5 @@ def preconditioned_sam(
                              precond_eps, bias_correction)
   tx = _skeleton.variant("preconditioned_sam", base_tx, rule, rho, options)
   return _preconditioner.checked_init("preconditioned_sam", tx,
-                                      preconditioner)
+                                      preconditioner,
+                                      bias_correction=bias_correction)
