@@ -316,3 +316,28 @@ def test_looksam_cache_cleared_when_rho_drops_to_zero():
   assert float(s.method_state.orthogonal_norm) == 0
   assert not any(jnp.any(x) for x in jax.tree.leaves(
       s.method_state.orthogonal_grad))
+
+
+@pytest.mark.parametrize("name", ["sam", "gsam"])
+def test_skip_zero_radius_false_is_straight_line(name):
+  """skip_zero_radius=False: no cond with a schedule; a zero ρ pays the
+  second gradient (ε = 0) and gives the base step's update."""
+  make = {"sam": sam_optax.sam, "gsam": sam_optax.gsam}[name]
+  tx = make(base_tx(), rho=sam_optax.late_phase(RHO, N),
+            skip_zero_radius=False)
+  counter = Counter()
+  state = tx.init(PARAMS)
+  jaxpr = jax.make_jaxpr(
+      lambda p, s: tx.update(jax.grad(loss)(p), s, p,
+                             grad_fn=counter.grad_fn))(PARAMS, state)
+  names = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert "cond" not in names and "debug_callback" in names
+  u, _ = make_step(tx, counter, name)(PARAMS, state)
+  jax.effects_barrier()
+  assert counter.n == 1
+  chex.assert_trees_all_close(u, base_updates(1)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_skip_zero_radius_must_be_a_bool():
+  with pytest.raises(TypeError, match="skip_zero_radius"):
+    sam_optax.sam(base_tx(), skip_zero_radius=None)

@@ -291,7 +291,8 @@ def variant(name: str, base_tx: Any, rule: Rule,
       _gradient.AscentOptions(
           **{k: options[k] for k in _gradient.AscentOptions._fields}),
       axis_name=options["axis_name"], has_aux=options["has_aux"],
-      value_and_grad=options["value_and_grad"], **skeleton_args)
+      value_and_grad=options["value_and_grad"],
+      skip_zero_radius=options["skip_zero_radius"], **skeleton_args)
 
 
 def _scalar_mean(x: Any, axis_name: Any) -> jax.Array:
@@ -305,7 +306,7 @@ COMMON_OPTIONS = {
     "adaptive": False, "eta": 0.01, "eps": 1e-12, "mask": None,
     "adaptive_mask": None, "axis_name": None, "has_aux": False,
     "value_and_grad": False, "perturb_in_float32": False,
-    "exact_norms": False, "rho_multipliers": None,
+    "exact_norms": False, "rho_multipliers": None, "skip_zero_radius": True,
 }
 
 
@@ -342,6 +343,7 @@ def transformation(
     needs_grad_fn: bool = True,
     finish: Finish | None = None,
     zero_radius: ZeroRadius | None = None,
+    skip_zero_radius: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a SAM-family transformation around ``rule``.
 
@@ -375,6 +377,9 @@ def transformation(
       clean gradient and calls no ``grad_fn`` (:func:`skip_at_zero_radius`);
       methods with ``needs_grad_fn=False`` (one gradient) always run
       ``rule``.
+    skip_zero_radius: ``False`` runs ``rule`` straight-line for a traced ρ
+      (no ``lax.cond``; a zero ρ then pays the second gradient). A Python ρ
+      never needs the ``cond``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -388,7 +393,7 @@ def transformation(
       adaptive=options.adaptive, has_aux=has_aux,
       value_and_grad=value_and_grad, microbatched=microbatched,
       perturb_in_float32=options.perturb_in_float32,
-      exact_norms=options.exact_norms)
+      exact_norms=options.exact_norms, skip_zero_radius=skip_zero_radius)
 
   def init_fn(params):
     scalar = jnp.zeros([], jnp.float32)
@@ -425,7 +430,8 @@ def transformation(
         options=options, axis_name=axis_name, value_and_grad=value_and_grad,
         base_state=state.base_state)
     template = jax.tree.map(lambda g: g[0], grads) if leading else grads
-    if needs_grad_fn:
+    if needs_grad_fn and (skip_zero_radius
+                          or isinstance(step.rho, numbers.Number)):
       gradient, method_state, info = skip_at_zero_radius(
           rule, step, state.method_state, template=template,
           microbatched=microbatched,

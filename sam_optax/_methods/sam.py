@@ -31,6 +31,7 @@ def sam(
     perturb_in_float32: bool = False,
     exact_norms: bool = False,
     rho_multipliers: Any = None,
+    skip_zero_radius: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (SAM) and its adaptive variant (ASAM).
 
@@ -129,6 +130,16 @@ def sam(
       2024), :math:`m_l \propto \sqrt{\text{fan\_out}/\text{fan\_in}}`
       for a ``(fan_in, fan_out)`` kernel (see ``docs/language_models.md``).
       ``radius`` still logs ρ; ``exact_norms`` measures the scaled ε.
+    skip_zero_radius: with a traced ρ (a schedule, ``inject_hyperparams``),
+      choose with a ``lax.cond`` on ρ > 0, so a step whose ρ is exactly 0 is
+      the base step and calls no ``grad_fn`` (late-phase SAM's early steps
+      cost one gradient). ``False`` computes the step straight-line: a zero ρ
+      then pays the second gradient (ε = 0, the same update), but nothing
+      runs inside a ``cond``. Use ``False`` for convolutional models on
+      XLA:CPU, which runs convolutions inside a ``cond`` branch on a much
+      slower path (measured: SAM 33x the SGD step inside the ``cond``
+      against 3.1x straight-line on a small CNN, ``docs/benchmarks.md``).
+      A Python ρ never needs the ``cond``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -170,7 +181,8 @@ def sam(
     ``cond`` becomes a ``select``: both branches run (correct, not cheaper).
     On XLA:CPU, convolutions inside the ``cond``'s SAM branch run on a
     slower path (jax-ml/jax#12868): for a CNN on CPU with a scheduled ρ,
-    docs/variants.md shows how to switch between two Python radii instead.
+    pass ``skip_zero_radius=False``, or (late-phase SAM) switch between two
+    Python radii as docs/variants.md shows.
 
   .. note::
     ``optax.MultiSteps(sam(base))`` is wrong: it perturbs along the running
@@ -213,4 +225,5 @@ def sam(
                               perturb_in_float32, exact_norms,
                               rho_multipliers),
       axis_name=axis_name, has_aux=has_aux, value_and_grad=value_and_grad,
-      microbatched=microbatched, local_grads=not synced)
+      microbatched=microbatched, local_grads=not synced,
+      skip_zero_radius=skip_zero_radius)
