@@ -364,21 +364,11 @@ def time_steps(problem, quick, chosen, rounds, log, repeats=2,
   runners, carries = {}, {}
   for name in names:
     m = METHODS.get(name, METHODS.get(TIMED_EXTRA.get(name, ""), None))
-    kind = m.kind if m else "grad_fn"
     tx = make_of(problem, name, n, quick)(
         problem.base(horizon, quick), T.traced(chosen.get(name, {})),
         horizon)
-    params, rest = T.init(problem, 0, quick)
-    f = T.Functional(problem.model(0, quick))
-    step = T.make_step(problem, f, tx, kind, count=False)
-
-    def call(carry, idx, step=step):
-      return jax.lax.scan(lambda c, i: step(c, (x[i], y[i], i)), carry,
-                          idx)[0]
-
-    runners[name] = jax.jit(call)
-    carries[name] = T.Carry(params, rest, tx.init(params),
-                            jnp.zeros([], jnp.int32))
+    runners[name], carries[name] = T.scan_runner(
+        problem, tx, x, y, m.kind if m else "grad_fn", quick)
   rng = np.random.default_rng(0)
 
   def idx(steps):

@@ -78,8 +78,13 @@ class Carry(NamedTuple):
 
 
 def make_step(problem: Problem, f: Functional, tx, kind: str = "grad_fn",
-              count: bool = False) -> Callable:
-  """``step(carry, (x, y, idx)) -> (carry, loss)``, for ``lax.scan``."""
+              count: bool = False, value_and_grad: bool = False) -> Callable:
+  """``step(carry, (x, y, idx)) -> (carry, loss)``, for ``lax.scan``.
+
+  ``value_and_grad``: for a transformation built with
+  ``value_and_grad=True``: ``grad_fn`` returns ``(loss, grads)`` and the
+  step passes ``value=loss`` (the state then records the sharpness).
+  """
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
@@ -123,18 +128,36 @@ def make_step(problem: Problem, f: Functional, tx, kind: str = "grad_fn",
       else:
 
         def grad_fn(p):
-          g = jax.grad(lambda q: loss(q)[0])(p)
+          out = jax.value_and_grad(lambda q: loss(q)[0])(p)
           if count:
             jax.debug.callback(GRAD_FN_CALLS)
-          return g
+          return out if value_and_grad else out[1]
 
+        extra = {"value": value} if value_and_grad else {}
         updates, opt_state = tx.update(grads, opt_state, params,
-                                       grad_fn=grad_fn)
+                                       grad_fn=grad_fn, **extra)
     perturbed = perturbed + (radius_of(opt_state) > 0).astype(jnp.int32)
     params = optax.apply_updates(params, updates)
     return Carry(params, new_rest, opt_state, perturbed), value
 
   return step
+
+
+def scan_runner(problem: Problem, tx, x, y, kind: str = "grad_fn",
+                quick: bool = False, seed: int = 0):
+  """``(run, carry)``: ``run(carry, idx)`` is a jitted ``lax.scan`` of
+  steps over the rows of ``idx`` (a ``(steps, batch)`` array of example
+  indices into ``x``, ``y``); ``carry`` the initial state. For timing."""
+  f = Functional(problem.model(seed, quick))
+  step = make_step(problem, f, tx, kind)
+
+  def run(carry, idx):
+    return jax.lax.scan(lambda c, i: step(c, (x[i], y[i], i)), carry,
+                        idx)[0]
+
+  carry = Carry(f.params, f.rest, tx.init(f.params),
+                jnp.zeros([], jnp.int32))
+  return jax.jit(run), carry
 
 
 def outputs(problem: Problem, f: Functional, params, rest, x) -> jax.Array:
@@ -180,7 +203,8 @@ def batches(key, n: int, batch_size: int, epochs: int) -> jax.Array:
 
 def make_train(problem: Problem, make_tx: Callable, kind: str = "grad_fn",
                epochs: int | None = None, quick: bool = False,
-               count: bool = True, batch_size: int | None = None):
+               count: bool = True, batch_size: int | None = None,
+               curves: bool = False, train_fit: bool = False):
   """A jitted whole run: ``train(init, key, arrays, y_train, h) -> dict``.
 
   Args:
@@ -192,6 +216,11 @@ def make_train(problem: Problem, make_tx: Callable, kind: str = "grad_fn",
     quick: the problem's quick variant.
     count: count the ``grad_fn`` evaluations (see :data:`GRAD_FN_CALLS`).
     batch_size: default the problem's.
+    curves: also return ``test_curve``, the test metric at the end of every
+      epoch (whole epochs only).
+    train_fit: also return ``train_fit`` (the metric on the training
+      targets trained on) and ``train_clean`` (on ``arrays["y_train_clean"]``
+      when given).
 
   Returns:
     ``train(init, key, arrays, y_train, h)`` where ``init`` is
@@ -225,7 +254,19 @@ def make_train(problem: Problem, make_tx: Callable, kind: str = "grad_fn",
       return step(carry, (arrays["x_train"][i], y_train[i], i))
 
     carry = Carry(params, rest, tx.init(params), jnp.zeros([], jnp.int32))
-    carry, losses = jax.lax.scan(body, carry, idx)
+    if curves:
+
+      def epoch(carry, epoch_idx):
+        carry, losses = jax.lax.scan(body, carry, epoch_idx)
+        p = sam_optax.eval_params(carry.opt_state, carry.params)
+        return carry, (losses, split_metric(
+            problem, f, p, carry.rest, arrays["x_test"], arrays["y_test"]))
+
+      carry, (losses, curve) = jax.lax.scan(
+          epoch, carry, idx.reshape(-1, per_epoch, batch_size))
+      losses = losses.reshape(-1)
+    else:
+      carry, losses = jax.lax.scan(body, carry, idx)
     clean = sam_optax.eval_params(carry.opt_state, carry.params)
     out = {
         "val": split_metric(problem, f, clean, carry.rest, arrays["x_val"],
@@ -235,6 +276,15 @@ def make_train(problem: Problem, make_tx: Callable, kind: str = "grad_fn",
         "perturbed_fraction": carry.perturbed_steps / total,
         "final_loss": jnp.mean(losses[-max(1, total // 20):]),
     }
+    if curves:
+      out["test_curve"] = curve
+    if train_fit:
+      out["train_fit"] = split_metric(problem, f, clean, carry.rest,
+                                      arrays["x_train"], y_train)
+      if "y_train_clean" in arrays:
+        out["train_clean"] = split_metric(problem, f, clean, carry.rest,
+                                          arrays["x_train"],
+                                          arrays["y_train_clean"])
     if problem.extra_metrics is not None:
       out.update(problem.extra_metrics(EvalContext(
           problem, f, clean, carry.rest, arrays, eval_key)))
@@ -247,7 +297,8 @@ def make_train(problem: Problem, make_tx: Callable, kind: str = "grad_fn",
     nonlocal n_train
     n_train = arrays["x_train"].shape[0]
     GRAD_FN_CALLS.take()  # Forget calls of an earlier, unfinished run.
-    out = jax.tree.map(float, jitted(init, key, arrays, y_train, h))
+    out = {k: np.asarray(v).tolist()
+           for k, v in jitted(init, key, arrays, y_train, h).items()}
     out["grad_fn_calls_per_step"] = (GRAD_FN_CALLS.take()
                                      / total_steps(n_train))
     return out
