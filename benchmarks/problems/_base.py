@@ -181,3 +181,20 @@ def stratified_split(y: np.ndarray, sizes: tuple[int, ...],
       start[c] += take
     out.append(rng.permutation(np.concatenate(idx)))
   return out
+
+
+def grids(sam, asam, msam, rwp, lam):
+  """Per-method grids of a problem: ``sam`` radii serve every method with
+  SAM's ρ (GSAM, LookSAM, Friendly-SAM, ESAM, AE-SAM and RST at p = 0.5);
+  ``asam``, ``msam``, ``rwp`` (noise std) and ``lam`` (MESA/SAF) their own.
+  """
+  def rhos(values):
+    return tuple({"rho": v} for v in values)
+
+  out = {m: rhos(sam) for m in ("sam", "gsam", "looksam", "friendly_sam",
+                                 "esam", "ae_sam")}
+  out.update(asam=rhos(asam), msam=rhos(msam), rwp=rhos(rwp),
+             rst=tuple({"rho": r, "p": 0.5} for r in sam),
+             mesa=tuple({"lam": v} for v in lam),
+             saf=tuple({"lam": v} for v in lam))
+  return out

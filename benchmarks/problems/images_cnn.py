@@ -40,6 +40,7 @@ from ._base import (
   Problem,
   classification_loss,
   correct,
+  grids,
   noise_of,
   noisy_labels,
   stratified_split,
@@ -143,10 +144,6 @@ def train_targets(data: Data, setting: str, seed: int) -> np.ndarray:
   return noisy_labels(data.y_train, noise_of(setting), seed, NUM_CLASSES)
 
 
-def _rhos(*values):
-  return tuple({"rho": v} for v in values)
-
-
 PROBLEM = Problem(
     name="images-cnn",
     description="ResNet-style CNN with BatchNorm (2 stages, 8/16 ch) on "
@@ -159,18 +156,6 @@ PROBLEM = Problem(
     train_targets=train_targets, example_ids=True, num_outputs=NUM_CLASSES,
     # Two values per method (the CPU budget); around the radii that helped
     # in a pilot at 40% noise (SAM's ρ = 0.1 hurt at 6 epochs).
-    grids={
-        "sam": _rhos(0.02, 0.05),
-        "gsam": _rhos(0.02, 0.05),
-        "looksam": _rhos(0.02, 0.05),
-        "friendly_sam": _rhos(0.02, 0.05),
-        "esam": _rhos(0.02, 0.05),
-        "ae_sam": _rhos(0.02, 0.05),
-        "asam": _rhos(0.2, 0.5),
-        "msam": _rhos(0.3, 1.0),
-        "rwp": _rhos(0.002, 0.005),
-        "rst": tuple({"rho": r, "p": 0.5} for r in (0.02, 0.05)),
-        "mesa": tuple({"lam": v} for v in (0.3, 1.0)),
-        "saf": tuple({"lam": v} for v in (0.3, 1.0)),
-    },
+    grids=grids(sam=(0.02, 0.05), asam=(0.2, 0.5), msam=(0.3, 1.0),
+                rwp=(0.002, 0.005), lam=(0.3, 1.0)),
 )

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ._base import Data, Problem
+from ._base import Data, Problem, grids
 
 VOCAB = 256
 SEQ = 64
@@ -202,10 +202,6 @@ def extra_metrics(ctx):
   return out
 
 
-def _rhos(*values):
-  return tuple({"rho": v} for v in values)
-
-
 PROBLEM = Problem(
     name="text-lm",
     description="byte-level transformer (2 layers, d 48, causal) on "
@@ -218,17 +214,6 @@ PROBLEM = Problem(
     settings=("clean",), quick_settings=("clean",),
     train_targets=train_targets, example_ids=False, num_outputs=VOCAB,
     extra_metrics=extra_metrics, eval_chunk=512,
-    grids={
-        "sam": _rhos(0.01, 0.05),
-        "gsam": _rhos(0.01, 0.05),
-        "looksam": _rhos(0.01, 0.05),
-        "friendly_sam": _rhos(0.01, 0.05),
-        "esam": _rhos(0.01, 0.05),
-        "ae_sam": _rhos(0.01, 0.05),
-        "asam": _rhos(0.1, 0.5),
-        "msam": _rhos(0.1, 0.3),
-        "rwp": _rhos(0.002, 0.005),
-        "rst": tuple({"rho": r, "p": 0.5} for r in (0.01, 0.05)),
-        "mesa": tuple({"lam": v} for v in (0.3, 1.0)),
-    },
+    grids=grids(sam=(0.01, 0.05), asam=(0.1, 0.5), msam=(0.1, 0.3),
+                rwp=(0.002, 0.005), lam=(0.3, 1.0)),
 )
