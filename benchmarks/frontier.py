@@ -316,23 +316,24 @@ def train_all(problem, quick, names, settings, seeds, log):
   progress = Progress(planned(problem, quick, names, settings, seeds))
   log(f"{problem.name}{' (quick)' if quick else ''}: {data.sizes()}; "
       f"settings {list(settings)}, seeds {seeds}, methods {names}")
-  for i, name in enumerate(names):
-    method = METHODS[name]
-    train = None
-    for setting in settings:
+  trains = {}
+  # Setting by setting (the first setting complete first), method by method.
+  for setting in settings:
+    for i, name in enumerate(names):
+      method = METHODS[name]
       for h in grid_for(problem, quick, name, setting, seeds):
         for seed in seeds:
           path = run_path(problem.name, quick, name, setting, h, seed)
           if load_run(path) is not None:
             continue
-          if train is None:
-            train = T.make_train(
+          if name not in trains:
+            trains[name] = T.make_train(
                 problem, make_of(problem, name, len(data.x_train), quick),
                 method.kind, problem.epochs_for(quick) * method.epochs,
                 quick)
           start = time.perf_counter()
-          out = T.run_seed(train, problem, data, setting, seed, h, quick,
-                           arrays)
+          out = T.run_seed(trains[name], problem, data, setting, seed, h,
+                           quick, arrays)
           seconds = time.perf_counter() - start
           out.update({"seconds": seconds, "h": h, "seed": seed,
                       "device": jax.devices()[0].platform})
