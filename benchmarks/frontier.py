@@ -666,6 +666,38 @@ def report(problem, quick, names, settings, seeds, timing, argv, write,
   return rows
 
 
+def summary_table(folder=TRACKED) -> str:
+  """Markdown: per method, per problem and setting, the test metric, the
+  fraction of SAM's gain kept and the cost, from the written results."""
+  cols, cells, methods = [], {}, []
+  for name in problems.names():
+    path = os.path.join(folder, name + ".json")
+    data = load_run(path)
+    if data is None:
+      continue
+    problem = problems.get(name)
+    for setting in data["settings"]:
+      col = f"{name} {setting}"
+      rows = [r for r in data["rows"] if r["setting"] == setting]
+      if not rows:
+        continue
+      cols.append(col)
+      for r in rows:
+        if r["method"] not in methods:
+          methods.append(r["method"])
+        kept = "-" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
+        cost = "-" if r["cost"] is None else f"{r['cost']:.2f}x"
+        cells[r["method"], col] = (
+            f"{fmt_metric(problem, r['mean'])}, {kept}, {cost}")
+  order = [m for m in METHODS if m in methods]
+  lines = ["| method | " + " | ".join(cols) + " |",
+           "|---|" + "---|" * len(cols)]
+  for m in order:
+    lines.append(f"| {m} | " + " | ".join(
+        cells.get((m, c), "not run") for c in cols) + " |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
@@ -674,6 +706,9 @@ def main(argv=None):
                       help="a registered problem (--list)")
   parser.add_argument("--list", action="store_true",
                       help="list the problems and exit")
+  parser.add_argument("--summary", action="store_true",
+                      help="print the cross-problem table of the written "
+                      "results (benchmarks/results/frontier/) and exit")
   parser.add_argument("--quick", action="store_true",
                       help="the problem's quick variant: one setting, one "
                       "seed, the middle value of each grid")
@@ -699,6 +734,9 @@ def main(argv=None):
   def log(msg):
     print(msg, flush=True)
 
+  if args.summary:
+    log(summary_table())
+    return
   if args.list:
     for name in problems.names():
       p = problems.get(name)
