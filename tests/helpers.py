@@ -104,3 +104,14 @@ def nonlinear_problem(seed=0):
                for w, c in zip(jax.tree.leaves(p), jax.tree.leaves(coefs)))
 
   return params, jax.grad(loss)
+
+
+def assert_flat_close(params, expected, rtol=1e-5, atol=1e-6):
+  """The quadratic problem's params, flattened, equal ``expected``."""
+  np.testing.assert_allclose(flat(params), expected, rtol=rtol, atol=atol)
+
+
+def assert_differs(params, wrong, at_least=1e-4):
+  """The params differ from a wrong reference (the oracle can see a bug)."""
+  diff = np.max(np.abs(np.asarray(flat(params), np.float64) - wrong))
+  assert diff > at_least, f"the oracle cannot see this bug ({diff:.1e})"

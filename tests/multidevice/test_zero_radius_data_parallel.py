@@ -71,11 +71,18 @@ def late_sam():
                        axis_name="batch")
 
 
-def check(run):
-  calls = run()
+def run_and_check(step, params, state, data, counter):
+  """START + 2 steps; grad_fn calls per step as late-phase SAM makes them;
+  the final params (per device or replicated)."""
+  calls = []
+  for _ in range(START + 2):
+    params, state = step(params, state, *data)
+    jax.effects_barrier()
+    calls.append(counter.n)
   assert calls[:START] == [0] * START  # No device called grad_fn.
   # From the switch on, all 8 devices call it once per step.
   assert calls[START:] == [N_DEV * (i + 1) for i in range(len(calls) - START)]
+  return params, reference(START + 2)
 
 
 def test_pmap_late_phase():
@@ -89,18 +96,7 @@ def test_pmap_late_phase():
 
   params, state = rep(PARAMS), rep(tx.init(PARAMS))
   data = tuple(jax.device_put(a, sharding) for a in DATA)
-  calls = []
-
-  def run():
-    nonlocal params, state
-    for _ in range(START + 2):
-      params, state = step(params, state, *data)
-      jax.effects_barrier()
-      calls.append(counter.n)
-    return calls
-
-  check(run)
-  want = reference(START + 2)
+  params, want = run_and_check(step, params, state, data, counter)
   for k in want:
     for d in range(N_DEV):
       np.testing.assert_allclose(params[k][d], want[k], rtol=1e-5,
@@ -119,17 +115,6 @@ def test_shard_map_late_phase():
   batch = NamedSharding(MESH, P("batch"))
   data = tuple(jax.device_put(a.reshape((N_DEV * PER_DEV,) + a.shape[2:]),
                               batch) for a in DATA)
-  calls = []
-
-  def run():
-    nonlocal params, state
-    for _ in range(START + 2):
-      params, state = step(params, state, *data)
-      jax.effects_barrier()
-      calls.append(counter.n)
-    return calls
-
-  check(run)
-  want = reference(START + 2)
+  params, want = run_and_check(step, params, state, data, counter)
   for k in want:
     np.testing.assert_allclose(params[k], want[k], rtol=1e-5, atol=1e-6)
