@@ -1,4 +1,4 @@
-"""Noisy digits and a small MLP, shared by the diagnostics benchmarks.
+"""Noisy digits and the registry's MLP, for the diagnostics benchmarks.
 
 scikit-learn's handwritten digits (8x8 images, 10 classes, 1797 examples,
 shipped with scikit-learn: nothing is downloaded), split once into train /
@@ -10,13 +10,23 @@ no clean labels to tune on); the test labels stay clean.
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+from benchmarks import problems  # noqa: E402
+from benchmarks.problems import digits_mlp  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -37,46 +47,31 @@ def load_splits():
           "test": prep(x_test, y_test)}
 
 
-def load_train_test():
-  """``(x_train, y_train, x_test, y_test)``: a 70/30 stratified split.
-
-  The split of ``label_noise.py`` (no validation set), standardised on the
-  training statistics; float32 features, int32 labels.
-  """
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(
-      x, y, test_size=0.3, random_state=0, stratify=y)
-  scaler = StandardScaler().fit(x_train)
-  return (scaler.transform(x_train).astype(np.float32),
-          y_train.astype(np.int32),
-          scaler.transform(x_test).astype(np.float32),
-          y_test.astype(np.int32))
-
-
 def noisy_labels(y, noise, seed):
   """Replaces a fraction ``noise`` of ``y`` by a different, random class."""
-  rng = np.random.default_rng(10_000 + seed)
-  y = y.copy()
-  flip = rng.permutation(len(y))[:int(round(noise * len(y)))]
-  y[flip] = (y[flip] + rng.integers(1, NUM_CLASSES, len(flip))) % NUM_CLASSES
-  return y
+  return problems.noisy_labels(y, noise, seed, NUM_CLASSES)
+
+
+@functools.cache
+def _functional(sizes):
+  return problems.Functional(digits_mlp.MLP(sizes, rngs=nnx.Rngs(0)))
+
+
+def _sizes(params):
+  layers = params["layers"]
+  return tuple([layers[0]["kernel"].shape[0]]
+               + [layers[i]["kernel"].shape[1] for i in range(len(layers))])
 
 
 def init_mlp(key, sizes):
-  """He-initialised ``[{'kernel', 'bias'}, ...]``."""
-  params = []
-  for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-    key, sub = jax.random.split(key)
-    params.append({
-        "kernel": jax.random.normal(sub, (n_in, n_out)) * jnp.sqrt(2 / n_in),
-        "bias": jnp.zeros(n_out)})
-  return params
+  """The registry's digits MLP (He-initialised) as an NNX ``Param`` state."""
+  module = digits_mlp.MLP(tuple(sizes), rngs=nnx.Rngs(key))
+  return nnx.split(module, nnx.Param, ...)[1]
 
 
 def predict(params, x):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["kernel"] + layer["bias"])
-  return x @ params[-1]["kernel"] + params[-1]["bias"]
+  f = _functional(_sizes(params))
+  return f.apply(params, f.rest, x, False)[0]
 
 
 def cross_entropy(params, x, y, smoothing=0.0):

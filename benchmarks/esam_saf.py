@@ -15,7 +15,7 @@ Three measurements, in one process:
    ``lax.cond``, and with a *static* half excluded (``jax.grad`` w.r.t. the
    other half only: the upper bound, not what SWP does).
 3. **Accuracy under 40% symmetric label noise** on scikit-learn's digits
-   (the MLP and data of ``benchmarks/label_noise.py``): hyper-parameters
+   (the MLP and data of the ``digits-mlp`` problem): hyper-parameters
    (ρ; MESA/SAF's λ and τ) are chosen on a validation split carved from the
    training set (its labels as noisy as the training labels), never on the
    test set; then 3 fresh seeds are trained and tested. Reported: test
@@ -47,9 +47,38 @@ import optax
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import label_noise  # noqa: E402  (the digits data, noise and MLP)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+import _common  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import sam_optax  # noqa: E402
+from benchmarks.problems import Functional, digits_mlp  # noqa: E402
+from benchmarks.problems import noisy_labels as _noisy  # noqa: E402
+
+# The digits data, noise and MLP: the registry's digits-mlp problem.
+_MLP = Functional(digits_mlp.model(0))
+
+
+def predict(params, x):
+  return _MLP.apply(params, _MLP.rest, x, False)[0]
+
+
+def init_mlp(key):
+  """The problem's MLP initialised from a (possibly traced) key."""
+  module = digits_mlp.MLP((64, *digits_mlp.HIDDEN, digits_mlp.NUM_CLASSES),
+                          rngs=nnx.Rngs(key))
+  return nnx.split(module, nnx.Param, ...)[1]
+
+
+def load_data():
+  """(x_train, y_train, x_test, y_test): digits-mlp's train and test."""
+  d = digits_mlp.load()
+  return d.x_train, d.y_train, d.x_test, d.y_test
+
+
+def noisy_labels(y, noise, seed):
+  return _noisy(y, noise, seed, digits_mlp.NUM_CLASSES)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -405,15 +434,15 @@ def make_train(method, hp, epochs, x_train, x_eval, y_eval):
   n = x_train.shape[0]
   spe = n // BATCH
   schedule = optax.cosine_decay_schedule(LR, epochs * spe)
-  tx, step = make_step(label_noise.predict, method, hp, n, spe,
+  tx, step = make_step(predict, method, hp, n, spe,
                        optax.sgd(schedule, momentum=MOMENTUM))
 
   def accuracy(params, x, y):
-    return jnp.mean(jnp.argmax(label_noise.predict(params, x), -1) == y)
+    return jnp.mean(jnp.argmax(predict(params, x), -1) == y)
 
   def train(key, y_noisy):
     init_key, data_key = jax.random.split(key)
-    params = label_noise.init_mlp(init_key)
+    params = init_mlp(init_key)
 
     def one(carry, idx):
       params, state = carry
@@ -440,7 +469,7 @@ def split_validation(x, y, fraction=0.2, seed=0):
 
 
 def accuracy_study(epochs, tune_seeds, test_seeds, quick, log):
-  x_train, y_train, x_test, y_test = label_noise.load_data()
+  x_train, y_train, x_test, y_test = load_data()
   x_fit, y_fit, x_val, y_val = split_validation(x_train, y_train)
   grids = QUICK_GRIDS if quick else GRIDS
   out = {"tuning": {}, "chosen": {}, "test": {}}
@@ -450,7 +479,7 @@ def accuracy_study(epochs, tune_seeds, test_seeds, quick, log):
     for hp in grid:
       accs = []
       for s in tune_seeds:
-        y_noisy = label_noise.noisy_labels(
+        y_noisy = noisy_labels(
             np.concatenate([y_fit, y_val]), NOISE, 100 + s)
         y_fit_noisy, y_val_noisy = y_noisy[:len(y_fit)], y_noisy[len(y_fit):]
         train = make_train(method, {**hp, "seed": s}, epochs,
@@ -472,7 +501,7 @@ def accuracy_study(epochs, tune_seeds, test_seeds, quick, log):
                        jnp.asarray(x_train), jnp.asarray(x_test),
                        jnp.asarray(y_test))
     for s in test_seeds:
-      y_noisy = jnp.asarray(label_noise.noisy_labels(y_train, NOISE, s))
+      y_noisy = jnp.asarray(noisy_labels(y_train, NOISE, s))
       start = time.perf_counter()
       acc, _ = train(jax.random.key(s), y_noisy)
       accs.append(float(acc))
@@ -526,7 +555,7 @@ def markdown(res):
                  f"{r['flops_ratio']:.2f} |")
   acc = res["accuracy"]
   lines += ["", "## Digits, 40% symmetric label noise", "",
-            f"MLP 64-128-128-10 (as `label_noise.py`), batch {BATCH}, SGD "
+            f"MLP 64-128-128-10 (the `digits-mlp` problem), batch {BATCH}, SGD "
             f"momentum {MOMENTUM}, lr {LR} cosine, {res['epochs']} epochs. "
             "Hyper-parameters chosen on a validation split (20% of the "
             "training set, labels as noisy) with seeds "
@@ -565,7 +594,7 @@ def main(argv=None):
     print(msg, flush=True)
 
   start = time.perf_counter()
-  machine = (f"{label_noise.cpu_model()} ({os.cpu_count()} cores), "
+  machine = (f"{_common.cpu_model()} ({os.cpu_count()} cores), "
              f"{jax.devices()[0].platform}")
   rounds, calls = (10, 3) if quick else (20, 5)
   log(f"1. step time and flops ({rounds} rounds x {calls} calls)")

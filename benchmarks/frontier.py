@@ -1,51 +1,59 @@
-"""Quality vs cost: every method of sam_optax on noisy digits, one frontier.
+"""Quality vs cost: every method of sam_optax on every problem, one protocol.
 
-A user with a fixed compute budget picks, from one table and one plot, the
-method that keeps the most of SAM's label-noise gain for that budget.
+A user with a fixed compute budget picks, from one table and one plot per
+problem, the method that keeps the most of SAM's gain for that budget.
 
-Task: scikit-learn's digits (8x8 images, 10 classes, shipped with
-scikit-learn: nothing is downloaded), an MLP 64-128-128-10 (ReLU), batch 32,
-SGD with momentum 0.9 and lr 0.05 with cosine decay to 0 as the base
-optimizer of every method. Splits (fixed, stratified): 30% test (clean), 250
-images of validation (clean), the rest train. Symmetric label noise replaces
-a fraction (20%, 40%, 60%; quick: 40% only) of the *training* labels by a
-different random class.
+Problems come from the registry ``benchmarks/problems/`` (``--list``): each
+owns its data (fixed train / validation / test splits), model, loss, metric,
+base optimizer with schedule, batch and epochs. The protocol is the same for
+all of them:
 
-Validation: **clean**, small (250 images). This is the usual protocol of
-label-noise papers (a small trusted set; e.g. Foret et al. tune on clean
-held-out data). It makes the selection optimistic compared with a noisy
-validation split; every method gets the same treatment, and the test set is
-never used to choose anything.
+* every method of the package that applies (SAF only where examples have
+  stable indices), around the problem's base optimizer, plus the base
+  optimizer for twice the steps (``sgd_2x``: a SAM-matched budget; "sgd"
+  names the base optimizer whatever it is, AdamW on ``text-lm``);
+* late-phase entries: SAM and LookSAM (the cheap method that kept all of
+  SAM's gain on digits) with ``sam_optax.late_phase``, ρ switched on for the
+  last 10 / 20 / 50% of the steps, at the radius their full-time version
+  chose on validation in the same setting;
+* per problem and setting (e.g. label noise level), each method's small grid
+  is trained with every seed (3; the seed sets the initialisation, the
+  batches and the label noise) and the value with the best mean validation
+  metric is kept; its test metric (mean ± std over seeds) is reported: the
+  test split is used once, never to choose;
+* cost at the problem's real batch: each method's step (at its chosen
+  hyperparameters in the first setting) against the base optimizer's step,
+  as the median of per-round paired ratios over interleaved rounds in one
+  process (every timed call a jitted ``lax.scan`` of steps with
+  ``block_until_ready``, the order rotated every round, each time the
+  fastest of 2 calls); a late-phase entry costs (1 - f) x its zero-radius
+  step + f x its full step;
+* gradients per step as evaluated: 1 + the ``grad_fn`` calls per step,
+  counted in the training runs by a host callback inside ``grad_fn`` (a
+  step that skips ``grad_fn`` through a ``lax.cond`` is not counted);
+  ESAM's and MESA's are nominal (ESAM: 1 + γ = 1.5 with γ = 0.5; MESA: 1 and
+  a teacher forward). ``grads_per_step_scheduled`` is 1 + the fraction of
+  steps whose radius was non-zero, what a method that skips zero-radius
+  steps would pay.
 
-For every method, at every noise level, each value of its small grid (radius
-ρ, and p for RST) is trained with every seed; the value with the best mean
-validation accuracy is kept and its test accuracy (mean ± std over seeds) is
-reported. "Gain kept" is (acc - acc_sgd) / (acc_sam - acc_sgd) at each noise
-level. Held-param methods (MSAM, RWP) are evaluated at
-``sam_optax.eval_params(state, params)``.
+Runs are cached, one JSON per (problem, method, setting, hyperparameters,
+seed), in the git-ignored ``benchmarks/results/local/frontier_cache/``: an
+interrupted run resumes, and a new method adds only its own runs. A progress
+line per run gives the time left (from the runs of this process, weighted by
+each method's gradients per step).
 
-Cost: the step time of each method (at its chosen hyperparameters at the
-first noise level) divided by SGD's, measured in this process on the same
-model: every timed call is a jitted ``lax.scan`` of 50 training steps (the
-state carried across calls, so RST's coins and AE-SAM's choices follow a
-real trajectory), warmed up, ``block_until_ready`` inside the timed region,
-the methods' order rotated every round, each method's time in a round the
-fastest of 3 calls (the CPU is shared: this filters contention spikes), and
-the median over rounds of the per-round ratio to SGD, with its IQR.
-The timing is repeated at batch 512 (same model), where the
-forward/backward dominates and the per-parameter extras weigh less.
-Gradient evaluations per step are counted during training (the steps whose
-SAMState radius is non-zero computed a second gradient). ``sgd_2x`` is
-SGD for twice the epochs (a SAM-matched budget): step ratio 1, cost 2.
+Run from the repository root::
 
-Run from the repository root (needs scikit-learn and matplotlib)::
+  python benchmarks/frontier.py --list
+  python benchmarks/frontier.py --problem digits-mlp --quick   # minutes
+  python benchmarks/frontier.py --problem images-cnn --write   # hours
+  python benchmarks/frontier.py --problem text-lm --from-cache --write
+  python benchmarks/frontier.py --problem images-cnn --device gpu
 
-  python benchmarks/frontier.py --quick   # a few minutes on 2 cores
-  python benchmarks/frontier.py           # 3 noise levels, 3 seeds
-  python benchmarks/frontier.py --write   # to benchmarks/results/frontier.*
-
-Without ``--write`` results go to ``benchmarks/results/local/`` (ignored by
-git). Add a method with one line in ``METHODS``.
+``--write`` writes ``benchmarks/results/frontier/<problem>.{json,md,png}``;
+without it results go to ``benchmarks/results/local/frontier/``.
+``--from-cache`` trains nothing: it reports what the cache holds (methods
+with every run of a setting done) and times only if asked (``--retime``).
 """
 
 from __future__ import annotations
@@ -57,201 +65,181 @@ import sys
 import time
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
-
-import sam_optax
+if __name__ == "__main__" and "--device" in sys.argv:  # Before JAX starts.
+  _dev = sys.argv[sys.argv.index("--device") + 1]
+  os.environ.setdefault(
+      "JAX_PLATFORMS", {"gpu": "cuda", "cpu": "cpu"}.get(_dev, _dev))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SIZES = (64, 128, 128, 10)
-BATCH_SIZE, LR, MOMENTUM, NUM_CLASSES = 32, 0.05, 0.9, 10
-VAL_SIZE = 250
-BIG_BATCH = 512  # A second timing, closer to a compute-bound step.
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import sam_optax  # noqa: E402
+from benchmarks import problems  # noqa: E402
+from benchmarks.problems import train as T  # noqa: E402
+
+CACHE = os.path.join(HERE, "results", "local", "frontier_cache")
+TRACKED = os.path.join(HERE, "results", "frontier")
+LOCAL = os.path.join(HERE, "results", "local", "frontier")
+LATE_FRACTIONS = (0.1, 0.2, 0.5)
 
 
 class Method(NamedTuple):
   """``make(base, h, total_steps)`` builds the transformation from the
-  hyperparameters ``h`` (a dict of traced scalars: one compilation per
-  method); ``grid`` lists the ``h`` tried; ``one_gradient`` methods never
-  call ``grad_fn``; ``epochs`` multiplies the epoch budget."""
+  hyperparameters ``h`` (traced scalars: one compilation per method);
+  ``grid`` lists the ``h`` tried (a problem may override it); ``kind`` is
+  how the step calls it (:func:`benchmarks.problems.train.make_step`);
+  ``epochs`` multiplies the budget; ``grads``: a nominal gradient count
+  where calls are not counted; ``late``: ``(method, fraction)`` for a
+  late-phase entry (ρ from that method's choice); ``weight``: the expected
+  cost of a run relative to the base (for the time-left estimate)."""
 
   make: Any
   grid: tuple = ({},)
-  one_gradient: bool = False
+  kind: str = "grad_fn"
   epochs: int = 1
-  # How the train step calls the method: "grad_fn" (sam's convention),
-  # "esam" (per-example losses and the batch), "mesa"/"saf" (a trajectory
-  # loss against the EMA teacher / the stored outputs).
-  step_kind: str = "grad_fn"
-  # Gradient evaluations per step when not counted from the SAM steps (ESAM:
-  # the perturbed gradient on γB of the B examples).
   grads: float | None = None
+  late: tuple | None = None
+  needs_example_ids: bool = False
+  weight: float = 2.0
 
 
 def _rhos(*values):
   return tuple({"rho": v} for v in values)
 
 
+def _plain(b, h, n):
+  return optax.with_extra_args_support(b)
+
+
+def _late(source, fraction):
+  make = METHODS_CORE[source].make
+
+  def build(b, h, n):
+    start = int(round((1 - fraction) * n))
+    return make(b, {**h, "rho": sam_optax.late_phase(h["rho"], start)}, n)
+
+  return Method(build, (), late=(source, fraction),
+                weight=1 + fraction + 1)  # Zero-ρ steps still pay today.
+
+
+def _zero(source):
+  """``source`` with ρ = 0 on every step: a late-phase entry's early step."""
+  make = METHODS_CORE[source].make
+  return lambda b, h, n: make(
+      b, {**h, "rho": sam_optax.late_phase(h["rho"], 10**9)}, n)
+
+
 SAM_RHOS = _rhos(0.1, 0.3, 0.5, 0.8)
-METHODS = {
-    "sgd": Method(lambda b, h, n: optax.with_extra_args_support(b),
-                  one_gradient=True),
-    "sgd_2x": Method(lambda b, h, n: optax.with_extra_args_support(b),
-                     one_gradient=True, epochs=2),
+METHODS_CORE = {
+    "sgd": Method(_plain, weight=1.0),
+    "sgd_2x": Method(_plain, epochs=2, weight=2.0),
     "sam": Method(lambda b, h, n: sam_optax.sam(b, rho=h["rho"]), SAM_RHOS),
     "asam": Method(lambda b, h, n: sam_optax.sam(
         b, rho=h["rho"], adaptive=True, eta=0.01), _rhos(1.0, 3.0, 6.0)),
     "gsam": Method(lambda b, h, n: sam_optax.gsam(b, rho=h["rho"]),
                    SAM_RHOS),
     "looksam": Method(lambda b, h, n: sam_optax.looksam(
-        b, rho=h["rho"], every_k=5, alpha=0.7), SAM_RHOS),
+        b, rho=h["rho"], every_k=5, alpha=0.7), SAM_RHOS, weight=1.3),
     "friendly_sam": Method(
         lambda b, h, n: sam_optax.friendly_sam(b, rho=h["rho"]), SAM_RHOS),
     "msam": Method(lambda b, h, n: sam_optax.msam(b, rho=h["rho"]),
-                   _rhos(1.0, 3.0, 6.0, 10.0), one_gradient=True),
+                   _rhos(1.0, 3.0, 6.0, 10.0), weight=1.1),
     "rwp": Method(lambda b, h, n: sam_optax.rwp(b, std=h["rho"]),
-                  _rhos(0.02, 0.05, 0.1, 0.2), one_gradient=True),
+                  _rhos(0.02, 0.05, 0.1, 0.2), weight=1.3),
     "rst": Method(lambda b, h, n: sam_optax.rst(
         b, rho=h["rho"], probability=h["p"]),
         tuple({"rho": r, "p": p} for r in (0.3, 0.5, 0.8)
-              for p in (0.25, 0.5))),
-    "ae_sam": Method(lambda b, h, n: sam_optax.ae_sam(
-        b, rho=h["rho"], threshold=optax.linear_schedule(1.0, -1.0, n)),
-        _rhos(0.3, 0.5, 0.8)),
+              for p in (0.25, 0.5)), weight=1.5),
     # ESAM with both parts (SWP β = 0.5, SDS γ = 0.5; γ must be static).
     "esam": Method(lambda b, h, n: sam_optax.esam(
-        b, rho=h["rho"], beta=0.5, gamma=0.5), SAM_RHOS, step_kind="esam",
-        grads=1.5),
-    # MESA/SAF: λ and τ chosen on validation (τ = 1: at the paper's τ = 5
-    # large λ diverges here, see docs/esam_saf.md); start after 1/8 of the run.
+        b, rho=h["rho"], beta=0.5, gamma=0.5), SAM_RHOS, kind="esam",
+        grads=1.5, weight=1.8),
+}
+METHODS = dict(METHODS_CORE)
+for _src in ("sam", "looksam"):
+  for _f in LATE_FRACTIONS:
+    METHODS[f"{_src}_late{int(100 * _f)}"] = _late(_src, _f)
+METHODS.update({
+    "ae_sam": Method(lambda b, h, n: sam_optax.ae_sam(
+        b, rho=h["rho"], threshold=optax.linear_schedule(1.0, -1.0, n)),
+        _rhos(0.3, 0.5, 0.8), weight=1.5),
+    # MESA/SAF: λ chosen on validation (τ = 1), start after 1/8 of the run.
     "mesa": Method(lambda b, h, n: sam_optax.mesa(
         b, decay=0.99, lam=h["lam"], start_step=n // 8),
-        tuple({"lam": v} for v in (0.3, 1.0, 3.0)), one_gradient=True,
-        step_kind="mesa"),
-    "saf": Method(lambda b, h, n: sam_optax.saf(
-        b, num_examples=n_train_examples(), num_outputs=NUM_CLASSES,
-        steps_per_epoch=n_train_examples() // BATCH_SIZE, lam=h["lam"],
-        start_epoch=5, minus_epoch=3),
-        tuple({"lam": v} for v in (0.3, 1.0, 3.0)), one_gradient=True,
-        step_kind="saf"),
-}
-TAU = 1.0  # MESA/SAF temperature.
+        tuple({"lam": v} for v in (0.3, 1.0, 3.0)), kind="mesa", grads=1.0,
+        weight=1.3),
+    "saf": Method(None, tuple({"lam": v} for v in (0.3, 1.0, 3.0)),
+                  kind="saf", grads=1.0, needs_example_ids=True, weight=1.1),
+})
+TIMED_EXTRA = {f"{s}_zero": s for s in ("sam", "looksam")}
 
 
-def n_train_examples():
-  """The size of the training split (SAF's store has one row per example)."""
-  return len(load_data()[0])
+def make_of(problem, name, n_train, quick):
+  """The ``make(base, h, total)`` of ``name`` on ``problem``."""
+  if name == "saf":
+    steps_per_epoch = n_train // problem.batch_size
+    epochs = problem.epochs_for(quick)
+    return lambda b, h, n: sam_optax.saf(
+        b, num_examples=n_train, num_outputs=problem.num_outputs,
+        steps_per_epoch=steps_per_epoch, lam=h["lam"],
+        start_epoch=max(1, (5 * epochs) // 40 + 1),
+        minus_epoch=max(1, (3 * epochs) // 40))
+  if name in TIMED_EXTRA:
+    return _zero(TIMED_EXTRA[name])
+  return METHODS[name].make
+
+
+def applies(problem, name) -> bool:
+  return not METHODS[name].needs_example_ids or problem.example_ids
+
+
+def grid_of(problem, name):
+  return tuple(problem.grids.get(name, METHODS[name].grid))
+
+
+def fmt_h(h) -> str:
+  return " ".join(f"{k}={v:g}" for k, v in sorted(h.items())) or "-"
+
+
+def h_key(h) -> str:
+  return "_".join(f"{k}={v:g}" for k, v in sorted(h.items())) or "default"
 
 
 # ----------------------------------------------------------------------------
-# Data and model.
+# The cache.
 # ----------------------------------------------------------------------------
 
 
-def load_data():
-  """(x_train, y_train, x_val, y_val, x_test, y_test), standardised."""
-  x, y = load_digits(return_X_y=True)
-  x_rest, x_test, y_rest, y_test = train_test_split(
-      x, y, test_size=0.3, random_state=0, stratify=y)
-  x_train, x_val, y_train, y_val = train_test_split(
-      x_rest, y_rest, test_size=VAL_SIZE, random_state=1, stratify=y_rest)
-  scaler = StandardScaler().fit(x_train)
-  f = lambda a: scaler.transform(a).astype(np.float32)  # noqa: E731
-  i = lambda a: a.astype(np.int32)  # noqa: E731
-  return (f(x_train), i(y_train), f(x_val), i(y_val), f(x_test), i(y_test))
+def cache_dir(problem_name, quick):
+  return os.path.join(CACHE, problem_name + ("-quick" if quick else ""))
 
 
-def noisy_labels(y, noise, seed):
-  """Replaces a fraction ``noise`` of ``y`` by a different, random class."""
-  rng = np.random.default_rng(10_000 + seed)
-  y = y.copy()
-  flip = rng.permutation(len(y))[:int(round(noise * len(y)))]
-  y[flip] = (y[flip] + rng.integers(1, NUM_CLASSES, len(flip))) % NUM_CLASSES
-  return y
+def run_path(problem_name, quick, method, setting, h, seed):
+  return os.path.join(cache_dir(problem_name, quick), method, setting,
+                      h_key(h), f"seed{seed}.json")
 
 
-def init_mlp(key):
-  params = []
-  for n_in, n_out in zip(SIZES[:-1], SIZES[1:]):
-    key, sub = jax.random.split(key)
-    w = jax.random.normal(sub, (n_in, n_out)) * jnp.sqrt(2.0 / n_in)
-    params.append((w, jnp.zeros(n_out)))
-  return params
+def load_run(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
-def predict(params, x):
-  for w, b in params[:-1]:
-    x = jax.nn.relu(x @ w + b)
-  w, b = params[-1]
-  return x @ w + b
-
-
-def loss_fn(params, x, y):
-  logits = predict(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def accuracy(params, x, y):
-  return jnp.mean(jnp.argmax(predict(params, x), -1) == y)
-
-
-def radius_of(opt_state):
-  """The SAMState's radius (0 for plain optimizers)."""
-  found = [s for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda s: isinstance(s, sam_optax.SAMState))
-           if isinstance(s, sam_optax.SAMState)]
-  return found[0].radius if found else jnp.zeros([])
-
-
-def example_losses(params, batch):
-  x, y = batch
-  return optax.softmax_cross_entropy_with_integer_labels(predict(params, x), y)
-
-
-def _trajectory_update(kind, tx, params, opt_state, x, y, idx):
-  """MESA/SAF: one gradient of CE + λ·trajectory loss, then the update."""
-  lam = sam_optax.trajectory_weight(opt_state)
-  if kind == "mesa":
-    targets = predict(sam_optax.teacher_params(opt_state), x)
-  else:
-    targets = sam_optax.saf_targets(opt_state, idx)
-
-  def loss(p):
-    logits = predict(p, x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return ce + lam * sam_optax.trajectory_loss(logits, targets, TAU), logits
-
-  grads, logits = jax.grad(loss, has_aux=True)(params)
-  extra = {"example_ids": idx, "outputs": logits} if kind == "saf" else {}
-  return tx.update(grads, opt_state, params, **extra)
-
-
-def make_step(tx, x_train, y_train, kind="grad_fn"):
-  def step(carry, idx):
-    params, opt_state, extra = carry
-    x, y = x_train[idx], y_train[idx]
-    if kind in ("mesa", "saf"):
-      updates, opt_state = _trajectory_update(kind, tx, params, opt_state, x,
-                                              y, idx)
-    elif kind == "esam":
-      grads = jax.grad(loss_fn)(params, x, y)
-      updates, opt_state = tx.update(
-          grads, opt_state, params, example_loss_fn=example_losses,
-          batch=(x, y))
-    else:
-      grads = jax.grad(loss_fn)(params, x, y)
-      updates, opt_state = tx.update(
-          grads, opt_state, params,
-          grad_fn=lambda p: jax.grad(loss_fn)(p, x, y))
-    extra = extra + (radius_of(opt_state) > 0).astype(jnp.float32)
-    return (optax.apply_updates(params, updates), opt_state, extra), None
-
-  return step
+def save_json(path, data):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1)
+  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -259,110 +247,160 @@ def make_step(tx, x_train, y_train, kind="grad_fn"):
 # ----------------------------------------------------------------------------
 
 
-def make_train(method, epochs, data):
-  """``train(key, y_noisy, h) -> metrics``, jitted once per method."""
-  x_train, _, x_val, y_val, x_test, y_test = map(jnp.asarray, data)
-  n = x_train.shape[0]
-  steps_per_epoch = n // BATCH_SIZE
-  total = epochs * steps_per_epoch
-
-  def train(key, y_noisy, h):
-    base = optax.sgd(optax.cosine_decay_schedule(LR, total),
-                     momentum=MOMENTUM)
-    tx = method.make(base, h, total)
-    init_key, data_key = jax.random.split(key)
-    params = init_mlp(init_key)
-    step = make_step(tx, x_train, y_noisy, method.step_kind)
-
-    def epoch(carry, key):
-      order = jax.random.permutation(key, n)[:steps_per_epoch * BATCH_SIZE]
-      carry, _ = jax.lax.scan(step, carry,
-                              order.reshape(steps_per_epoch, BATCH_SIZE))
-      return carry, None
-
-    (params, opt_state, second), _ = jax.lax.scan(
-        epoch, (params, tx.init(params), jnp.zeros([])),
-        jax.random.split(data_key, epochs))
-    clean = sam_optax.eval_params(opt_state, params)
-    return {"val_acc": accuracy(clean, x_val, y_val),
-            "test_acc": accuracy(clean, x_test, y_test),
-            "grads_per_step": (
-                method.grads if method.grads is not None else
-                1.0 + (0.0 if method.one_gradient else second / total))}
-
-  return jax.jit(train)
+def select(problem, quick, name, setting, seeds):
+  """``(h, runs)`` of the grid value with the best mean validation metric
+  among those with every seed done; ``None`` when none is complete."""
+  sign = 1 if problem.higher_is_better else -1
+  best = None
+  for h in grid_for(problem, quick, name, setting, seeds):
+    runs = [load_run(run_path(problem.name, quick, name, setting, h, s))
+            for s in seeds]
+    if any(r is None for r in runs):
+      continue
+    score = sign * np.mean([r["val"] for r in runs])
+    if best is None or score > best[0]:
+      best = (score, h, runs)
+  return None if best is None else (best[1], best[2])
 
 
-def run_grid(name, method, epochs, data, noise_levels, seeds, log):
-  """Every (noise, h, seed) run of one method; the h chosen on validation."""
-  train = make_train(method, epochs * method.epochs, data)
-  out = {}
-  for noise in noise_levels:
-    ys = [jnp.asarray(noisy_labels(data[1], noise, s)) for s in seeds]
-    tried = []
-    for h in method.grid:
-      start = time.perf_counter()
-      runs = [jax.tree.map(float, train(
-          jax.random.key(s), y, {k: jnp.float32(v) for k, v in h.items()}))
-              for s, y in zip(seeds, ys)]
-      tried.append({"h": h, "runs": runs,
-                    "val": float(np.mean([r["val_acc"] for r in runs]))})
-      log(f"  {name:13s} noise {noise:.0%} {fmt_h(h):18s} val "
-          f"{100 * tried[-1]['val']:5.1f}  test "
-          f"{100 * np.mean([r['test_acc'] for r in runs]):5.1f}  "
-          f"({time.perf_counter() - start:4.1f} s)")
-    best = max(tried, key=lambda t: t["val"])
-    out[noise] = {"chosen": best["h"], "tried": tried}
-  return out
+def grid_for(problem, quick, name, setting, seeds):
+  """The grid; a late-phase entry's is its source's chosen radius."""
+  method = METHODS[name]
+  if method.late is None:
+    grid = grid_of(problem, name)
+    return grid[len(grid) // 2:len(grid) // 2 + 1] if quick else grid
+  chosen = select(problem, quick, method.late[0], setting, seeds)
+  return () if chosen is None else ({"rho": chosen[0]["rho"]},)
 
 
-def fmt_h(h):
-  return " ".join(f"{k}={v:g}" for k, v in h.items()) or "-"
+class Progress:
+  """A line per run with the time left, weighted by each run's cost."""
+
+  def __init__(self, todo_weight):
+    self.todo = todo_weight
+    self.done = 0.0
+    self.seconds = 0.0
+    self.start = time.perf_counter()
+
+  def update(self, weight, seconds):
+    self.todo -= weight
+    self.done += weight
+    self.seconds += seconds
+
+  def left(self):
+    if not self.done:
+      return "?"
+    s = self.todo * self.seconds / self.done
+    return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
 
 
-# ----------------------------------------------------------------------------
-# Step time, interleaved.
-# ----------------------------------------------------------------------------
-
-
-def time_steps(chosen, data, rounds, log, batch_size=BATCH_SIZE,
-               calls_warmup=4, steps=50, repeats=3):
-  """Median over rounds of each method's step time / SGD's, interleaved."""
-  x_train, y_train = jnp.asarray(data[0]), jnp.asarray(data[1])
-  n = x_train.shape[0]
-  horizon = (calls_warmup + rounds * repeats) * steps
-  names = list(chosen)
-  runners, carries = {}, {}
-  key = jax.random.key(0)
+def planned(problem, quick, names, settings, seeds):
+  """Weight of the runs not yet cached (late entries: an estimate)."""
+  total = 0.0
   for name in names:
-    base = optax.sgd(optax.cosine_decay_schedule(LR, horizon),
-                     momentum=MOMENTUM)
-    h = {k: jnp.float32(v) for k, v in chosen[name].items()}
-    tx = METHODS[name].make(base, h, horizon)
-    step = make_step(tx, x_train, y_train, METHODS[name].step_kind)
-    runners[name] = jax.jit(lambda c, idx, step=step: jax.lax.scan(
-        step, c, idx)[0])
-    params = init_mlp(key)
-    carries[name] = (params, tx.init(params), jnp.zeros([]))
-  batches = np.random.default_rng(0).integers(
-      0, n, (calls_warmup + rounds, steps, batch_size))
-  batches = [jnp.asarray(b) for b in batches]
-  for i in range(calls_warmup):
-    for name in names:
-      carries[name] = jax.block_until_ready(
-          runners[name](carries[name], batches[i]))
+    m = METHODS[name]
+    for setting in settings:
+      grid = (grid_for(problem, quick, name, setting, seeds) if not m.late
+              else ({"rho": None},))
+      for h in grid:
+        for s in seeds:
+          if m.late or load_run(run_path(problem.name, quick, name, setting,
+                                         h, s)) is None:
+            total += m.weight * m.epochs
+  return total
+
+
+def train_all(problem, quick, names, settings, seeds, log):
+  data = problem.load(quick)
+  arrays = T.device_arrays(data)
+  progress = Progress(planned(problem, quick, names, settings, seeds))
+  log(f"{problem.name}{' (quick)' if quick else ''}: {data.sizes()}; "
+      f"settings {list(settings)}, seeds {seeds}, methods {names}")
+  trains = {}
+  # Setting by setting (the first setting complete first), method by method.
+  for setting in settings:
+    for i, name in enumerate(names):
+      method = METHODS[name]
+      for h in grid_for(problem, quick, name, setting, seeds):
+        for seed in seeds:
+          path = run_path(problem.name, quick, name, setting, h, seed)
+          if load_run(path) is not None:
+            continue
+          if name not in trains:
+            trains[name] = T.make_train(
+                problem, make_of(problem, name, len(data.x_train), quick),
+                method.kind, problem.epochs_for(quick) * method.epochs,
+                quick)
+          start = time.perf_counter()
+          out = T.run_seed(trains[name], problem, data, setting, seed, h,
+                           quick, arrays)
+          seconds = time.perf_counter() - start
+          out.update({"seconds": seconds, "h": h, "seed": seed,
+                      "device": jax.devices()[0].platform})
+          save_json(path, out)
+          progress.update(method.weight * method.epochs, seconds)
+          log(f"[{i + 1}/{len(names)}] {name:14s} {setting:10s} "
+              f"{fmt_h(h):14s} seed {seed}: val {out['val']:.4f} test "
+              f"{out['test']:.4f} ({seconds:5.1f} s; about "
+              f"{progress.left()} left)")
+      if method.late and not grid_for(problem, quick, name, setting,
+                                      seeds):
+        log(f"  {name}: {setting}: {method.late[0]} has no complete "
+            "selection yet, skipped")
+
+
+# ----------------------------------------------------------------------------
+# Step cost, interleaved.
+# ----------------------------------------------------------------------------
+
+
+def time_steps(problem, quick, chosen, rounds, log, repeats=2,
+               target_seconds=0.2):
+  """``{name: {"median", "q25", "q75", "ratios"}}``: step time / base's."""
+  data = problem.load(quick)
+  x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+  n, b = x.shape[0], problem.batch_size
+  names = ["sgd"] + [k for k in chosen if k != "sgd"]
+  horizon = 10**6  # Schedules far from their end: a mid-run step.
+  runners, carries = {}, {}
+  for name in names:
+    m = METHODS.get(name, METHODS.get(TIMED_EXTRA.get(name, ""), None))
+    tx = make_of(problem, name, n, quick)(
+        problem.base(horizon, quick), T.traced(chosen.get(name, {})),
+        horizon)
+    runners[name], carries[name] = T.scan_runner(
+        problem, tx, x, y, m.kind if m else "grad_fn", quick)
+  rng = np.random.default_rng(0)
+
+  def idx(steps):
+    return jnp.asarray(rng.integers(0, n, (steps, b)))
+
+  probe = idx(2)
+  for name in names:  # Compile.
+    carries[name] = jax.block_until_ready(runners[name](carries[name],
+                                                        probe))
+  start = time.perf_counter()
+  carries["sgd"] = jax.block_until_ready(runners["sgd"](carries["sgd"],
+                                                        probe))
+  per_step = (time.perf_counter() - start) / 2
+  steps = int(max(2, min(50, round(target_seconds / max(per_step, 1e-6)))))
+  batches = idx(steps)
+  for name in names:  # Warm up at the timed shape.
+    carries[name] = jax.block_until_ready(runners[name](carries[name],
+                                                        batches))
+  log(f"  timing {len(names)} steps at batch {b}: {rounds} rounds x "
+      f"{steps} steps, fastest of {repeats}")
   ratios = {name: [] for name in names}
   for r in range(rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     seconds = {}
-    idx = batches[calls_warmup + r]
     for name in order:
       best = float("inf")
-      for _ in range(repeats):  # The fastest of a few: contention spikes out.
-        start = time.perf_counter()
+      for _ in range(repeats):
+        t0 = time.perf_counter()
         carries[name] = jax.block_until_ready(
-            runners[name](carries[name], idx))
-        best = min(best, time.perf_counter() - start)
+            runners[name](carries[name], batches))
+        best = min(best, time.perf_counter() - t0)
       seconds[name] = best
     for name in names:
       ratios[name].append(seconds[name] / seconds["sgd"])
@@ -370,10 +408,30 @@ def time_steps(chosen, data, rounds, log, batch_size=BATCH_SIZE,
   for name in names:
     q = np.percentile(ratios[name], [25, 50, 75])
     out[name] = {"median": float(q[1]), "q25": float(q[0]),
-                 "q75": float(q[2])}
-  log(f"  batch {batch_size}: step time / SGD's (median): " + ", ".join(
+                 "q75": float(q[2]), "ratios": ratios[name],
+                 "h": chosen.get(name, {}),
+                 "sgd_step_ms": per_step * 1e3}
+  log("  step / base step (median): " + ", ".join(
       f"{k} {v['median']:.2f}" for k, v in out.items()))
   return out
+
+
+def timing_path(problem_name, quick):
+  return os.path.join(cache_dir(problem_name, quick),
+                      f"timing_{jax.devices()[0].platform}.json")
+
+
+def cached_timing(problem, quick, chosen, rounds, log, retime):
+  """The timing of the chosen configurations, measured where missing."""
+  path = timing_path(problem.name, quick)
+  old = {} if retime else (load_run(path) or {})
+  missing = {k: h for k, h in chosen.items()
+             if k not in old or old[k]["h"] != h}
+  if missing:
+    fresh = time_steps(problem, quick, {**missing, "sgd": {}}, rounds, log)
+    old.update(fresh)
+    save_json(path, old)
+  return old
 
 
 # ----------------------------------------------------------------------------
@@ -381,130 +439,189 @@ def time_steps(chosen, data, rounds, log, batch_size=BATCH_SIZE,
 # ----------------------------------------------------------------------------
 
 
-def summarize(grid_results, timing, noise_levels):
-  rows = {}
-  for name, per_noise in grid_results.items():
-    row = {"noise": {}}
-    for noise in noise_levels:
-      best = next(t for t in per_noise[noise]["tried"]
-                  if t["h"] == per_noise[noise]["chosen"])
-      test = [r["test_acc"] for r in best["runs"]]
-      row["noise"][noise] = {
-          "chosen": best["h"], "test_mean": float(np.mean(test)),
-          "test_std": float(np.std(test)), "val": best["val"],
-          "grads_per_step": float(np.mean(
-              [r["grads_per_step"] for r in best["runs"]]))}
-    rows[name] = row
-  for noise in noise_levels:
-    sgd = rows["sgd"]["noise"][noise]["test_mean"]
-    gain = rows["sam"]["noise"][noise]["test_mean"] - sgd
-    for name in rows:
-      d = rows[name]["noise"][noise]
-      d["gain_kept"] = ((d["test_mean"] - sgd) / gain if gain > 0
-                        else float("nan"))
-  for name in rows:
-    t = timing[name]["median"] if name in timing else timing["sgd"]["median"]
-    rows[name]["step_ratio"] = t
-    rows[name]["step_ratio_iqr"] = (
-        [timing[name]["q25"], timing[name]["q75"]] if name in timing
-        else None)
-    rows[name]["train_cost"] = t * METHODS[name].epochs
-    rows[name]["cheap_and_good"] = bool(
-        rows[name]["train_cost"] <= 1.05 and all(
-            rows[name]["noise"][p]["gain_kept"] >= 0.9
-            for p in noise_levels))
+def summarize(problem, quick, names, settings, seeds, timing):
+  """The rows: one per (method, setting) with a complete selection."""
+  rows = []
+  base_mean, sam_mean = {}, {}
+  for name in names:
+    m = METHODS[name]
+    for setting in settings:
+      sel = select(problem, quick, name, setting, seeds)
+      if sel is None:
+        continue
+      h, runs = sel
+      test = np.array([r["test"] for r in runs])
+      calls = np.mean([r.get("grad_fn_calls_per_step", 0.0) for r in runs])
+      perturbed = np.mean([r["perturbed_fraction"] for r in runs])
+      if m.grads is not None:
+        grads = m.grads
+      else:
+        grads = 1.0 + calls
+      # One-gradient methods built on the SAM skeleton (MSAM, RWP) have a
+      # radius but never call grad_fn: the schedule does not apply.
+      scheduled = (1.0 + perturbed if m.kind == "grad_fn" and calls > 0
+                   else grads)
+      row = {"method": name, "setting": setting, "metric": problem.metric,
+             "higher_is_better": problem.higher_is_better,
+             "mean": float(test.mean()), "std": float(test.std()),
+             "seeds": list(seeds), "per_seed": test.tolist(),
+             "val_mean": float(np.mean([r["val"] for r in runs])),
+             "hyperparameters": h, "grads_per_step": float(grads),
+             "grads_per_step_scheduled": float(scheduled),
+             "grads_counted": m.grads is None,
+             "epochs_multiplier": m.epochs,
+             "grid": list(grid_for(problem, quick, name, setting, seeds)),
+             "step_vs_base": None, "step_vs_base_iqr": None,
+             "cost": None, "kept": None}
+      extras = sorted(k for k in runs[0] if k.startswith("bpb_")
+                      or k == "forgetting")
+      if extras:
+        row["extra"] = {k: {"mean": float(np.mean([r[k] for r in runs])),
+                            "std": float(np.std([r[k] for r in runs]))}
+                        for k in extras}
+      row["step_vs_base"], row["step_vs_base_iqr"] = step_cost(name, timing)
+      if row["step_vs_base"] is not None:
+        row["cost"] = row["step_vs_base"] * m.epochs
+      rows.append(row)
+      if name == "sgd":
+        base_mean[setting] = row["mean"]
+      if name == "sam":
+        sam_mean[setting] = row["mean"]
+  sign = 1 if problem.higher_is_better else -1
+  for row in rows:
+    s = row["setting"]
+    if s in base_mean and s in sam_mean:
+      gain = sign * (sam_mean[s] - base_mean[s])
+      if gain > 0:
+        row["kept"] = sign * (row["mean"] - base_mean[s]) / gain
   return rows
 
 
-def markdown(rows, settings, argv, elapsed):
-  noise_levels = settings["noise_levels"]
-  lines = [
-      "# Quality vs cost frontier (digits MLP, symmetric label noise)", "",
-      f"Machine: {settings['machine']}; jax {jax.__version__}, optax "
-      f"{optax.__version__}. Command: `python benchmarks/frontier.py "
-      f"{' '.join(argv)}` ({elapsed:.0f} s). {settings['epochs']} epochs, "
-      f"seeds {settings['seeds']}, train {settings['n_train']} (noisy) / "
-      f"validation {settings['n_val']} (clean) / test {settings['n_test']} "
-      "(clean). Each method's hyperparameters chosen per noise level on the "
-      "validation split; test accuracy % mean ± std over seeds; gain kept = "
-      "(acc − SGD) / (SAM − SGD). Step = step time / SGD step time (median "
-      "of interleaved paired ratios, [IQR]) at the training batch "
-      f"{BATCH_SIZE}; step b{BIG_BATCH}: the same at batch {BIG_BATCH}; "
-      "cost = step × epoch multiplier; "
-      "grads = gradient evaluations per step (counted in training).", ""]
-  head = f"| method | step [IQR] | step b{BIG_BATCH} | cost | grads |"
-  sep = "|---|---|---|---|---|"
-  for p in noise_levels:
-    head += f" {p:.0%}: test acc | kept | chosen |"
-    sep += "---|---|---|"
-  lines += [head, sep]
-  for name, row in sorted(rows.items(), key=lambda kv: kv[1]["train_cost"]):
-    iqr = row["step_ratio_iqr"]
-    iqr_s = f" [{iqr[0]:.2f}, {iqr[1]:.2f}]" if iqr else ""
-    grads = np.mean([row["noise"][p]["grads_per_step"]
-                     for p in noise_levels])
-    line = (f"| {name} | {row['step_ratio']:.2f}{iqr_s} | "
-            f"{row['step_ratio_big_batch']:.2f} | "
-            f"{row['train_cost']:.2f} | {grads:.2f} |")
-    for p in noise_levels:
-      d = row["noise"][p]
-      line += (f" {100 * d['test_mean']:.1f} ± {100 * d['test_std']:.1f} | "
-               f"{100 * d['gain_kept']:.0f}% | {fmt_h(d['chosen'])} |")
-    lines.append(line)
-  lines += ["", "## Verdict", ""]
-  target = [n for n, r in rows.items() if r["cheap_and_good"]]
-  if target:
-    lines.append("Cost ≤ 1.05x SGD with ≥ 90% of SAM's gain at every noise "
-                 f"level: **{', '.join(target)}**.")
-  else:
-    lines.append("No method costs ≤ 1.05x SGD *and* keeps ≥ 90% of SAM's "
-                 "gain at every noise level. By how much each misses:")
+def step_cost(name, timing):
+  """``(median ratio, [q25, q75])`` for a method, ``(None, None)`` if
+  untimed; a late-phase entry mixes its zero-ρ and full steps."""
+  m = METHODS[name]
+  if name == "sgd_2x":
+    return 1.0, None
+  if m.late:
+    src, f = m.late
+    zero = timing.get(f"{src}_zero")
+    full = timing.get(src)
+    if zero is None or full is None:
+      return None, None
+    return ((1 - f) * zero["median"] + f * full["median"],
+            [(1 - f) * zero["q25"] + f * full["q25"],
+             (1 - f) * zero["q75"] + f * full["q75"]])
+  t = timing.get(name)
+  if t is None:
+    return None, None
+  return t["median"], [t["q25"], t["q75"]]
+
+
+def fmt_metric(problem, v):
+  return f"{100 * v:.1f}" if problem.metric == "accuracy" else f"{v:.3f}"
+
+
+def markdown(problem, rows, settings, meta):
+  unit = " (%)" if problem.metric == "accuracy" else ""
+  lines = [f"# Frontier: {problem.name}", "",
+           f"{problem.description}.", "",
+           f"Command: `{meta['command']}`. Device: {meta['device']}; "
+           f"{meta['machine']}. Seeds {meta['seeds']}; each method's "
+           "hyperparameters chosen per setting on the validation split "
+           "(mean over seeds), the test split used once. "
+           f"Metric: test {problem.metric}{unit}, mean ± std over seeds "
+           f"({'higher' if problem.higher_is_better else 'lower'} is "
+           "better). Kept: the fraction of SAM's gain over the base "
+           "optimizer (`sgd`), where SAM gained. Step: step time / base "
+           "step time at batch "
+           f"{problem.batch_size} (median of paired interleaved rounds "
+           "[IQR]); cost: step x budget multiplier. Grads: gradient "
+           "evaluations per step as counted (ESAM, MESA: nominal); "
+           "sched.: what the radius schedule asks for (1 + the fraction of "
+           "steps with ρ > 0).", ""]
+  by_setting = {s: [r for r in rows if r["setting"] == s] for s in settings}
+  missing = meta.get("missing", {})
+  for setting in settings:
+    rs = by_setting[setting]
+    if not rs:
+      continue
+    lines += [f"## {setting}", ""]
+    extra_keys = sorted({k for r in rs for k in r.get("extra", {})})
+    head = ("| method | test | kept | step [IQR] | cost | grads | sched. | "
+            "chosen |")
+    sep = "|---|---|---|---|---|---|---|---|"
+    for k in extra_keys:
+      head += f" {k} |"
+      sep += "---|"
+    lines += [head, sep]
+    for r in sorted(rs, key=lambda r: (r["cost"] is None, r["cost"] or 0)):
+      iqr = r["step_vs_base_iqr"]
+      step = ("-" if r["step_vs_base"] is None else
+              f"{r['step_vs_base']:.2f}" + (
+                  f" [{iqr[0]:.2f}, {iqr[1]:.2f}]" if iqr else ""))
+      cost = "-" if r["cost"] is None else f"{r['cost']:.2f}"
+      kept = "-" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
+      line = (f"| {r['method']} | {fmt_metric(problem, r['mean'])} ± "
+              f"{fmt_metric(problem, r['std'])} | {kept} | {step} | {cost} "
+              f"| {r['grads_per_step']:.2f} | "
+              f"{r['grads_per_step_scheduled']:.2f} | "
+              f"{fmt_h(r['hyperparameters'])} |")
+      for k in extra_keys:
+        e = r.get("extra", {}).get(k)
+        line += (f" {e['mean']:.3f} ± {e['std']:.3f} |" if e else " - |")
+      lines.append(line)
     lines.append("")
-    for name, row in rows.items():
-      if name in ("sgd", "sam"):
-        continue
-      cost = row["train_cost"]
-      worst = min(row["noise"][p]["gain_kept"] for p in noise_levels)
-      cost_s = "ok" if cost <= 1.05 else f"over by {cost - 1.05:.2f}"
-      gain_s = ("n/a: SAM did not beat SGD" if np.isnan(worst)
-                else "ok" if worst >= 0.9
-                else f"short by {100 * (0.9 - worst):.0f} points")
-      lines.append(f"- {name}: cost {cost:.2f}x ({cost_s}), worst gain "
-                   f"kept {100 * worst:.0f}% ({gain_s})")
-  return "\n".join(lines) + "\n"
+    if missing.get(setting):
+      lines += ["Not yet complete in this setting (no row): "
+                + ", ".join(missing[setting]) + ".", ""]
+  if any(r["method"].endswith(tuple(f"_late{int(100 * f)}"
+                                    for f in LATE_FRACTIONS)) for r in rows):
+    lines += ["Late-phase entries: the source method's validation-chosen "
+              "ρ, switched on for the last 10/20/50% of the steps "
+              "(`sam_optax.late_phase`). Grads counts the second gradients "
+              "actually evaluated: where it exceeds sched., zero-radius "
+              "steps still computed the second gradient in this version of "
+              "the package; their step cost is (1 - f) x the measured "
+              "zero-ρ step + f x the full step.", ""]
+  return "\n".join(lines)
 
 
-def plot(rows, noise_levels, path):
+def plot(problem, rows, settings, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(noise_levels),
-                           figsize=(4.6 * len(noise_levels), 4.2),
-                           squeeze=False)
-  for ax, p in zip(axes[0], noise_levels):
-    for name, row in rows.items():
-      d = row["noise"][p]
-      style = {"sgd": "ks", "sam": "r*", "sgd_2x": "kD"}.get(name, "o")
-      ax.errorbar(row["train_cost"], 100 * d["test_mean"],
-                  yerr=100 * d["test_std"], fmt=style, capsize=3,
-                  markersize=9 if name in ("sgd", "sam") else 6)
-      ax.annotate(name, (row["train_cost"], 100 * d["test_mean"]),
-                  textcoords="offset points", xytext=(4, 4), fontsize=8)
-    sgd = rows["sgd"]["noise"][p]["test_mean"] * 100
-    sam = rows["sam"]["noise"][p]["test_mean"] * 100
-    ax.axhline(sgd + 0.9 * (sam - sgd), color="gray", ls=":", lw=1)
-    ax.axvline(1.05, color="gray", ls=":", lw=1)
+  settings = [s for s in settings if any(r["setting"] == s for r in rows)]
+  if not settings:
+    return False
+  fig, axes = plt.subplots(1, len(settings),
+                           figsize=(5.2 * len(settings), 4.4), squeeze=False)
+  scale = 100 if problem.metric == "accuracy" else 1
+  for ax, setting in zip(axes[0], settings):
+    for r in rows:
+      if r["setting"] != setting or r["cost"] is None:
+        continue
+      style = {"sgd": "ks", "sam": "r*", "sgd_2x": "kD"}.get(
+          r["method"], "^" if "_late" in r["method"] else "o")
+      ax.errorbar(r["cost"], scale * r["mean"], yerr=scale * r["std"],
+                  fmt=style, capsize=3,
+                  markersize=9 if r["method"] in ("sgd", "sam") else 6)
+      ax.annotate(r["method"], (r["cost"], scale * r["mean"]),
+                  textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xticks([1, 1.5, 2, 3, 5, 10])
-    ax.set_xticklabels(["1", "1.5", "2", "3", "5", "10"])
-    ax.set_title(f"{p:.0%} label noise")
-    ax.set_xlabel("training cost (SGD = 1, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-  fig.suptitle("Quality vs cost (dotted: 1.05x SGD, 90% of SAM's gain)")
+    ax.set_xticks([1, 1.5, 2, 3, 5])
+    ax.set_xticklabels(["1", "1.5", "2", "3", "5"])
+    ax.set_title(f"{problem.name}: {setting}")
+    ax.set_xlabel("training cost (base optimizer = 1, log scale)")
+    ax.set_ylabel(f"test {problem.metric}"
+                  + (" (%)" if problem.metric == "accuracy" else ""))
+    ax.grid(alpha=0.3)
+  fig.suptitle("Quality vs cost (cost: step vs base x budget multiplier)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return True
 
 
 def cpu_model():
@@ -515,107 +632,151 @@ def cpu_model():
           return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return jax.devices()[0].device_kind
+  return "unknown CPU"
+
+
+def report(problem, quick, names, settings, seeds, timing, argv, write,
+           log):
+  rows = summarize(problem, quick, names, settings, seeds, timing)
+  missing = {s: [n for n in names if applies(problem, n) and not any(
+      r["method"] == n and r["setting"] == s for r in rows)]
+             for s in settings}
+  dev = jax.devices()[0]
+  meta = {"command": "python benchmarks/frontier.py " + " ".join(argv),
+          "device": f"{dev.platform} ({dev.device_kind})",
+          "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+          "seeds": list(seeds), "missing": missing}
+  folder = TRACKED if write else LOCAL
+  os.makedirs(folder, exist_ok=True)
+  stem = os.path.join(folder, problem.name + ("_quick" if quick else ""))
+  md = markdown(problem, rows, settings, meta)
+  with open(stem + ".md", "w") as f:
+    f.write(md + "\n")
+  save_json(stem + ".json", {
+      "problem": problem.name, "description": problem.description,
+      "quick": quick, "settings": list(settings), **meta,
+      "jax": jax.__version__, "optax": optax.__version__,
+      "sam_optax": sam_optax.__version__,
+      "timing": {k: {kk: vv for kk, vv in v.items()}
+                 for k, v in timing.items()},
+      "rows": rows})
+  plotted = plot(problem, rows, settings, stem + ".png")
+  log(md)
+  log(f"wrote {stem}.md, {stem}.json" + (f", {stem}.png" if plotted else ""))
+  return rows
+
+
+def summary_table(folder=TRACKED) -> str:
+  """Markdown: per method, per problem and setting, the test metric, the
+  fraction of SAM's gain kept and the cost, from the written results."""
+  cols, cells, methods = [], {}, []
+  for name in problems.names():
+    path = os.path.join(folder, name + ".json")
+    data = load_run(path)
+    if data is None:
+      continue
+    problem = problems.get(name)
+    for setting in data["settings"]:
+      col = f"{name} {setting}"
+      rows = [r for r in data["rows"] if r["setting"] == setting]
+      if not rows:
+        continue
+      cols.append(col)
+      for r in rows:
+        if r["method"] not in methods:
+          methods.append(r["method"])
+        kept = "-" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
+        cost = "-" if r["cost"] is None else f"{r['cost']:.2f}x"
+        cells[r["method"], col] = (
+            f"{fmt_metric(problem, r['mean'])}, {kept}, {cost}")
+  order = [m for m in METHODS if m in methods]
+  lines = ["| method | " + " | ".join(cols) + " |",
+           "|---|" + "---|" * len(cols)]
+  for m in order:
+    lines.append(f"| {m} | " + " | ".join(
+        cells.get((m, c), "not run") for c in cols) + " |")
+  return "\n".join(lines)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--problem", default="digits-mlp",
+                      help="a registered problem (--list)")
+  parser.add_argument("--list", action="store_true",
+                      help="list the problems and exit")
+  parser.add_argument("--summary", action="store_true",
+                      help="print the cross-problem table of the written "
+                      "results (benchmarks/results/frontier/) and exit")
   parser.add_argument("--quick", action="store_true",
-                      help="40%% noise only, 2 seeds, 20 epochs")
-  parser.add_argument("--epochs", type=int, help="default 40 (quick 20)")
-  parser.add_argument("--seeds", type=int, help="default 3 (quick 2)")
+                      help="the problem's quick variant: one setting, one "
+                      "seed, the middle value of each grid")
+  parser.add_argument("--seeds", type=int, help="default 3 (quick 1)")
+  parser.add_argument("--methods", help="comma-separated subset (default "
+                      "all that apply; sgd and sam are always included)")
   parser.add_argument("--rounds", type=int,
-                      help="timing rounds (default 40; quick 15)")
-  parser.add_argument("--methods", help="comma-separated subset of METHODS "
-                      "(sgd and sam are always run)")
-  parser.add_argument("--retime", metavar="JSON",
-                      help="skip training: reuse the runs of an earlier "
-                      "result file and only measure the step times again "
-                      "(the CPU is shared: time when it is quiet)")
+                      help="timing rounds (default 10; quick 4)")
+  parser.add_argument("--from-cache", action="store_true",
+                      help="train nothing: report what the cache holds")
+  parser.add_argument("--no-timing", action="store_true",
+                      help="skip the step timing (cost columns empty unless "
+                      "cached)")
+  parser.add_argument("--retime", action="store_true",
+                      help="measure the step times again")
+  parser.add_argument("--device", choices=("cpu", "gpu", "tpu"),
+                      help="JAX platform (default: JAX's choice)")
   parser.add_argument("--write", action="store_true",
-                      help="write benchmarks/results/frontier.{json,md,png}")
+                      help="write benchmarks/results/frontier/<problem>.*")
   args = parser.parse_args(argv)
   argv_used = list(sys.argv[1:] if argv is None else argv)
-  epochs = args.epochs or (20 if args.quick else 40)
-  seeds = list(range(args.seeds or (2 if args.quick else 3)))
-  rounds = args.rounds or (15 if args.quick else 40)
-  noise_levels = [0.4] if args.quick else [0.2, 0.4, 0.6]
-  names = list(METHODS)
-  if args.methods:
-    wanted = set(args.methods.split(",")) | {"sgd", "sam"}
-    names = [n for n in names if n in wanted]
-  out_dir = os.path.join(HERE, "results") if args.write else os.path.join(
-      HERE, "results", "local")
-  stem = os.path.join(out_dir, "frontier" + (
-      "_quick" if args.quick and not args.write else ""))
 
   def log(msg):
     print(msg, flush=True)
 
-  data = load_data()
-  machine = (f"{cpu_model()} ({os.cpu_count()} cores), "
-             f"{jax.devices()[0].platform}")
-  log(f"digits: {len(data[0])} train / {len(data[2])} val / {len(data[4])} "
-      f"test; noise {noise_levels}, seeds {seeds}, {epochs} epochs; "
-      f"{machine}")
-  start = time.perf_counter()
-  grid_results = {}
-  if args.retime:
-    with open(args.retime) as f:
-      old = json.load(f)
-    settings_old = old["settings"]
-    epochs, seeds = settings_old["epochs"], settings_old["seeds"]
-    noise_levels = settings_old["noise_levels"]
-    argv_used = old["argv"] + ["(re-timed: " + " ".join(argv_used) + ")"]
-    names = [n for n in names if n in old["runs"]]
-    grid_results = {n: {float(p): v for p, v in old["runs"][n].items()}
-                    for n in names}
-  for i, name in enumerate(names):
-    if name in grid_results:
-      continue
-    log(f"[{i + 1}/{len(names)}] {name}")
-    grid_results[name] = run_grid(name, METHODS[name], epochs, data,
-                                  noise_levels, seeds, log)
-  log(f"timing {len(names)} steps, {rounds} interleaved rounds")
-  chosen = {n: grid_results[n][noise_levels[0]]["chosen"] for n in names
-            if METHODS[n].epochs == 1}
-  timing = time_steps(chosen, data, rounds, log)
-  log(f"timing again at batch {BIG_BATCH} (compute-bound: the elementwise "
-      "extras weigh less)")
-  timing_big = time_steps(chosen, data, max(rounds // 2, 5), log,
-                          batch_size=BIG_BATCH, steps=10)
-  elapsed = time.perf_counter() - start
-  if args.retime:  # Report the training's time; the re-timing's in argv.
-    argv_used[-1] = argv_used[-1][:-1] + f" in {elapsed:.0f} s)"
-    elapsed = old["elapsed_s"]
-  rows = summarize(grid_results, timing, noise_levels)
-  for name, row in rows.items():
-    big = timing_big.get(name, timing_big["sgd"])
-    row["step_ratio_big_batch"] = big["median"]
-  settings = {"epochs": epochs, "seeds": seeds, "noise_levels": noise_levels,
-              "machine": machine, "sizes": SIZES, "batch_size": BATCH_SIZE,
-              "lr": LR, "momentum": MOMENTUM, "rounds": rounds,
-              "n_train": len(data[0]), "n_val": len(data[2]),
-              "n_test": len(data[4]),
-              "grids": {n: list(METHODS[n].grid) for n in names}}
-  md = markdown(rows, settings, argv_used, elapsed)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(stem + ".md", "w") as f:
-    f.write(md)
-  with open(stem + ".json", "w") as f:
-    json.dump({"settings": settings, "argv": argv_used, "elapsed_s": elapsed,
-               "timing": timing, "timing_big_batch": timing_big,
-               "rows": {n: {**r, "noise": {str(p): d for p, d in
-                                           r["noise"].items()}}
-                        for n, r in rows.items()},
-               "runs": {n: {str(p): v for p, v in g.items()}
-                        for n, g in grid_results.items()}}, f, indent=1)
-  plot(rows, noise_levels, stem + ".png")
-  log("")
-  log(md)
-  log(f"wrote {stem}.md, .json and .png ({elapsed:.0f} s)")
+  if args.summary:
+    log(summary_table())
+    return
+  if args.list:
+    for name in problems.names():
+      p = problems.get(name)
+      log(f"{name:12s} {p.description}; settings {list(p.settings)}")
+    return
+  problem = problems.get(args.problem)
+  quick = args.quick
+  seeds = list(range(args.seeds or (1 if quick else 3)))
+  settings = problem.quick_settings if quick else problem.settings
+  names = [n for n in METHODS if applies(problem, n)]
+  if args.methods:
+    wanted = set(args.methods.split(",")) | {"sgd", "sam"}
+    unknown = wanted - set(METHODS)
+    if unknown:
+      raise SystemExit(f"unknown methods: {sorted(unknown)}")
+    names = [n for n in names if n in wanted]
+    for n in list(names):  # A late-phase entry needs its source.
+      if METHODS[n].late and METHODS[n].late[0] not in names:
+        names.insert(names.index(n), METHODS[n].late[0])
+  if not args.from_cache:
+    train_all(problem, quick, names, settings, seeds, log)
+  timing = load_run(timing_path(problem.name, quick)) or {}
+  if not args.no_timing and (not args.from_cache or args.retime):
+    chosen = {}
+    first = settings[0]
+    for n in names:
+      m = METHODS[n]
+      if m.late or m.epochs != 1:
+        continue
+      sel = select(problem, quick, n, first, seeds)
+      if sel is not None:
+        chosen[n] = sel[0]
+    for zero, src in TIMED_EXTRA.items():
+      if src in chosen:
+        chosen[zero] = chosen[src]
+    timing = cached_timing(problem, quick, chosen,
+                           args.rounds or (4 if quick else 10), log,
+                           args.retime)
+  report(problem, quick, names, settings, seeds, timing, argv_used,
+         args.write, log)
 
 
 if __name__ == "__main__":

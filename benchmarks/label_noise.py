@@ -1,9 +1,11 @@
 """Label-noise robustness: SGD vs SAM vs ASAM on noisy handwritten digits.
 
-Trains the same MLP (64-128-128-10, ReLU) on scikit-learn's digits (8x8
-images, 10 classes, shipped with scikit-learn: nothing is downloaded) with
+The ``digits-mlp`` problem of the registry (``benchmarks/problems/``: an MLP
+64-128-128-10 on scikit-learn's digits, shipped with scikit-learn, its fixed
+train / validation / test splits, batch 32, SGD with momentum and a cosine
+learning rate, and the one training loop) with
 
-* ``sgd``:    SGD with momentum (the base optimizer), E epochs;
+* ``sgd``:    the base optimizer, E epochs;
 * ``sgd_2x``: the same for 2E epochs, a compute-matched baseline (a SAM step
   costs two gradients);
 * ``sam``:    ``sam_optax.sam`` around that SGD, E epochs, at the library's
@@ -13,18 +15,17 @@ images, 10 classes, shipped with scikit-learn: nothing is downloaded) with
 
 under symmetric label noise: a fraction p in {0, 0.2, 0.4, 0.6} of the
 *training* labels is replaced by a different class drawn uniformly at random
-(the test labels stay clean). Every (noise level, seed) pair is one run; a
-whole run is one jitted ``lax.scan`` over epochs and minibatches, compiled
-once per optimizer (``jax.vmap`` over runs was slower on CPU: XLA's batched
-small matmuls lose to running the runs one after the other). The learning
-rate follows a cosine decay to 0. Reported: the final test accuracy, mean ±
-std over seeds, as a Markdown table and a PNG plot of accuracy against noise
+(the validation and test labels stay clean). Every (noise level, seed) pair
+is one run, one jitted program compiled once per optimizer. Reported: the
+final test accuracy, mean ± std over seeds, the fit of the noisy training
+labels, the best test accuracy over the epochs, as a Markdown table and a
+PNG plot of accuracy against noise
 (``benchmarks/results/label_noise.{md,json,png}``).
 
 The large radii (SAM 0.5, ASAM 3.0) were chosen after a preliminary sweep at
 20-60% noise measured on the *test* set: treat their rows as an upper bound
-of what tuning buys, not as a clean protocol. ``--sweep`` reruns the sweep
-at 40% noise (about 1.5 min more).
+of what tuning buys, not as a clean protocol (``benchmarks/frontier.py``
+chooses on validation). ``--sweep`` reruns the sweep at 40% noise.
 
 Run (from the repository root; needs scikit-learn and matplotlib)::
 
@@ -45,20 +46,20 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 
 import _common  # noqa: E402
-import _digits  # noqa: E402
 
 import sam_optax  # noqa: E402
+from benchmarks import problems  # noqa: E402
+from benchmarks.problems import train as T  # noqa: E402
 
-SIZES = (64, 128, 128, 10)
-BATCH_SIZE = 32
-LR, MOMENTUM = 0.05, 0.9
+PROBLEM = problems.get("digits-mlp")
 ETA = 0.01
 # (label, method, rho, epoch multiplier)
 PLAN = (("sgd", "sgd", None, 1), ("sgd_2x", "sgd", None, 2),
@@ -69,115 +70,39 @@ SWEEP = (("sam", (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)),
 NOISE_LEVELS = (0.0, 0.2, 0.4, 0.6)
 
 
-# ----------------------------------------------------------------------------
-# Data, noise and model.
-# ----------------------------------------------------------------------------
-
-
-def init_mlp(key):
-  """He-initialised ``[(w, b), ...]``."""
-  params = []
-  for n_in, n_out in zip(SIZES[:-1], SIZES[1:]):
-    key, sub = jax.random.split(key)
-    w = jax.random.normal(sub, (n_in, n_out)) * jnp.sqrt(2.0 / n_in)
-    params.append((w, jnp.zeros(n_out)))
-  return params
-
-
-def predict(params, x):
-  for w, b in params[:-1]:
-    x = jax.nn.relu(x @ w + b)
-  w, b = params[-1]
-  return x @ w + b
-
-
-def loss_fn(params, x, y):
-  logits = predict(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def accuracy(params, x, y):
-  return jnp.mean(jnp.argmax(predict(params, x), -1) == y)
-
-
-# ----------------------------------------------------------------------------
-# Training: one jitted scan per optimizer, vmapped over runs.
-# ----------------------------------------------------------------------------
-
-
-def make_tx(method, rho, total_steps):
-  schedule = optax.cosine_decay_schedule(LR, total_steps)
-  base = optax.sgd(schedule, momentum=MOMENTUM)
+def make_tx(method, rho):
+  """``make(base, h, total_steps)`` for the training loop."""
   if method.startswith("sgd"):
-    return optax.with_extra_args_support(base)
-  return sam_optax.sam(base, rho=rho, adaptive=(method == "asam"), eta=ETA)
-
-
-def make_train(method, rho, epochs, x_train, x_test, y_test):
-  """``train(key, y_noisy, y_clean) -> metrics``, jitted: one whole run."""
-  n = x_train.shape[0]
-  steps_per_epoch = n // BATCH_SIZE
-  tx = make_tx(method, rho, epochs * steps_per_epoch)
-
-  def train(key, y_noisy, y_clean):
-    init_key, data_key = jax.random.split(key)
-    params = init_mlp(init_key)
-    opt_state = tx.init(params)
-
-    def step(carry, idx):
-      params, opt_state = carry
-      x, y = x_train[idx], y_noisy[idx]
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-      updates, opt_state = tx.update(
-          grads, opt_state, params,
-          grad_fn=lambda p: jax.grad(loss_fn)(p, x, y))
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    def epoch(carry, key):
-      order = jax.random.permutation(key, n)[:steps_per_epoch * BATCH_SIZE]
-      carry, losses = jax.lax.scan(
-          step, carry, order.reshape(steps_per_epoch, BATCH_SIZE))
-      return carry, (jnp.mean(losses), accuracy(carry[0], x_test, y_test))
-
-    (params, _), (losses, test_curve) = jax.lax.scan(
-        epoch, (params, opt_state), jax.random.split(data_key, epochs))
-    return {
-        "test_acc": accuracy(params, x_test, y_test),
-        "train_acc_noisy": accuracy(params, x_train, y_noisy),
-        "train_acc_clean": accuracy(params, x_train, y_clean),
-        "test_curve": test_curve,
-        "final_loss": losses[-1],
-    }
-
-  return jax.jit(train)
+    return lambda base, h, n: optax.with_extra_args_support(base)
+  return lambda base, h, n: sam_optax.sam(
+      base, rho=rho, adaptive=(method == "asam"), eta=ETA)
 
 
 def run_method(method, rho, epochs, data, noise_levels, seeds, log):
   """Trains every (noise, seed) run of one optimizer; returns metrics."""
-  x_train, y_train, x_test, y_test = data
   runs = [(p, s) for p in noise_levels for s in seeds]
-  train = make_train(method, rho, epochs, jnp.asarray(x_train),
-                     jnp.asarray(x_test), jnp.asarray(y_test))
+  train = T.make_train(PROBLEM, make_tx(method, rho), epochs=epochs,
+                       curves=True, train_fit=True)
+  arrays = T.device_arrays(data)
+  arrays["y_train_clean"] = arrays["y_train"]
   label = f"{method} rho {rho if rho is not None else '-'}"
   log(f"  {label}: compiling and training {len(runs)} runs of {epochs} "
       "epochs")
   start = time.perf_counter()
-  outs = []
+  results = {}
   for i, (p, s) in enumerate(runs):  # One compiled program, once per run.
-    y_noisy = jnp.asarray(_digits.noisy_labels(y_train, p, s))
-    outs.append(jax.tree.map(np.asarray, train(
-        jax.random.key(s), y_noisy, jnp.asarray(y_train))))
+    out = T.run_seed(train, PROBLEM, data, f"noise={p}", s, {},
+                     arrays=arrays)
+    results.setdefault(p, []).append({
+        "seed": s, "test_acc": out["test"],
+        "train_acc_noisy": out["train_fit"],
+        "train_acc_clean": out["train_clean"],
+        "test_curve": out["test_curve"], "final_loss": out["final_loss"]})
     log(f"    run {i + 1}/{len(runs)} (noise {p}, seed {s}): test acc "
-        f"{float(outs[-1]['test_acc']):.3f}, "
-        f"{time.perf_counter() - start:5.1f} s")
-  out = jax.tree.map(lambda *xs: np.stack(xs), *outs)
+        f"{out['test']:.3f}, {time.perf_counter() - start:5.1f} s")
   seconds = time.perf_counter() - start
   log(f"  {method:6s} rho {rho if rho is not None else '-':>5} "
       f"{epochs:4d} epochs, {len(runs)} runs: {seconds:5.1f} s")
-  results = {}
-  for i, (p, s) in enumerate(runs):
-    results.setdefault(p, []).append(
-        {"seed": s, **{k: v[i].tolist() for k, v in out.items()}})
   return results, seconds
 
 
@@ -201,13 +126,14 @@ def markdown(main, sweep, args, settings, elapsed):
       f"{' ' + ' '.join(args) if args else ''}` ({elapsed:.0f} s).")
   out.append("")
   out.append(
-      f"MLP {'-'.join(map(str, SIZES))}, batch {BATCH_SIZE}, SGD momentum "
-      f"{MOMENTUM}, lr {LR} with cosine decay to 0, {settings['epochs']} "
-      f"epochs ({2 * settings['epochs']} for sgd_2x); ASAM eta {ETA}. The "
+      f"Problem `digits-mlp` ({PROBLEM.description}), "
+      f"{settings['epochs']} epochs ({2 * settings['epochs']} for sgd_2x); "
+      f"ASAM eta {ETA}. The "
       "large radii (SAM 0.5, ASAM 3) were picked from a sweep at 20-60% "
       "noise on the test set: an optimistic upper bound. Symmetric noise: "
-      "that fraction of the 1257 training labels replaced by a different "
-      "random class; 540 clean test images. Final test accuracy (%), mean "
+      f"that fraction of the {settings['n_train']} training labels replaced "
+      "by a different random class; "
+      f"{settings['n_test']} clean test images. Final test accuracy (%), mean "
       f"± std over {len(settings['seeds'])} seeds (init, minibatch order and "
       "noise all change with the seed).")
   out += ["", "| optimizer | " + " | ".join(f"{int(p * 100)}% noise"
@@ -290,10 +216,10 @@ def main(argv=None):
       args, "label_noise" + ("_quick" if args.quick else ""))
   log = _common.log
 
-  data = _digits.load_train_test()
+  data = PROBLEM.load()
   machine = (f"{_common.cpu_model()} ({os.cpu_count()} cores), "
              f"{jax.devices()[0].platform}")
-  log(f"digits: {len(data[0])} train / {len(data[2])} test; noise "
+  log(f"digits: {data.sizes()}; noise "
       f"{NOISE_LEVELS}, seeds {seeds}, {epochs} epochs; {machine}")
   start = time.perf_counter()
   main_runs, timings = {}, {}
@@ -314,8 +240,8 @@ def main(argv=None):
 
   settings = {"epochs": epochs, "seeds": seeds,
               "noise_levels": list(NOISE_LEVELS), "machine": machine,
-              "sizes": SIZES, "batch_size": BATCH_SIZE, "lr": LR,
-              "momentum": MOMENTUM, "eta": ETA,
+              "problem": PROBLEM.name, "n_train": len(data.x_train),
+              "n_test": len(data.x_test), "eta": ETA,
               "plan": [list(p) for p in PLAN]}
   os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
   plot(main_runs, list(NOISE_LEVELS), stem + ".png")
