@@ -86,9 +86,11 @@ def _rhos(*values):
 # 0.01. Preconditioned SAM normalises ‖ε‖₂ = ρ as SAM does, but spreads ε
 # over every coordinate (Adam's direction is sign-like), so the same radii.
 # Functional-SAM keeps the clean loss derivative and is expected to stand
-# larger radii (Singh et al. 2025), so its grid reaches higher.
-SMALL = _rhos(0.003, 0.01, 0.03)
-LARGE = _rhos(0.01, 0.03, 0.1)
+# larger radii (Singh et al. 2025), so its grid reaches higher. The first
+# full run chose the smallest value of every 3-value grid, so each grid was
+# extended by one value below (the cached runs are kept).
+SMALL = _rhos(0.001, 0.003, 0.01, 0.03)
+LARGE = _rhos(0.003, 0.01, 0.03, 0.1)
 METHODS = {
     "adamw": Method("AdamW", lambda b, h, n: optax.with_extra_args_support(
         b), weight=1.0),
@@ -161,12 +163,17 @@ def choose(quick, name):
 
 def plan(quick, seeds):
   """The runs in order: seed 0 of every grid value, then the other seeds
-  of the chosen values (``None`` where the choice is not made yet)."""
+  of the chosen values (``None`` where the choice is not made yet), then
+  the other seeds of each SAM variant's largest radius (the robustness
+  measures where the perturbation is strong; not a selected value)."""
   first = [(name, h, 0) for name in METHODS for h in grid_of(name, quick)]
   rest = []
   for seed in seeds[1:]:
     for name in METHODS:
       rest.append((name, None, seed))
+  if not quick:
+    rest += [(name, grid_of(name, quick)[-1], seed) for seed in seeds[1:]
+             for name in SAM_METHODS]
   return first, rest
 
 
@@ -193,9 +200,15 @@ def train_all(quick, seeds, log):
   data = problem.load(quick)
   arrays = T.device_arrays(data)
   first, rest = plan(quick, seeds)
+
+  def pending(n, h, s):
+    if h is None:  # A chosen value: pending unless the choice is cached.
+      c = choose(quick, n)
+      return c is None or load_json(run_path(quick, n, c[0], s)) is None
+    return load_json(run_path(quick, n, h, s)) is None
+
   todo = sum(METHODS[n].weight * METHODS[n].epochs
-             for n, h, s in first + rest
-             if h is None or load_json(run_path(quick, n, h, s)) is None)
+             for n, h, s in first + rest if pending(n, h, s))
   progress = Progress(todo)
   log(f"text-lm{' (quick)' if quick else ''}: {data.sizes()}; seeds "
       f"{seeds}, methods {list(METHODS)}")
@@ -325,10 +338,18 @@ def collect(quick, seeds):
     h = c[0]
     runs = [r for s in seeds
             if (r := load_json(run_path(quick, name, h, s))) is not None]
-    grid = {fmt_h(g): (r["val"] if (r := load_json(run_path(
-        quick, name, g, 0))) is not None else None)
-            for g in grid_of(name, quick)}
-    rows[name] = {"h": h, "runs": runs, "grid_val_seed0": grid}
+    grid = {}
+    for g in grid_of(name, quick):
+      r = load_json(run_path(quick, name, g, 0))
+      grid[fmt_h(g)] = None if r is None else {
+          "val": r["val"], "test": r["test"],
+          "int4_degradation": r["bpb_int4"] - r["test"],
+          "forgetting": r["forgetting"]}
+    largest = grid_of(name, quick)[-1]
+    strong = [r for s in seeds if (r := load_json(run_path(
+        quick, name, largest, s))) is not None]
+    rows[name] = {"h": h, "runs": runs, "grid_seed0": grid,
+                  "largest": (largest, strong)}
   return rows
 
 
@@ -356,7 +377,7 @@ def summarize(quick, seeds, timing):
     entry = {"label": METHODS[name].label, "h": row["h"],
              "seeds": [r["seed"] for r in runs],
              "steps": runs[0].get("steps"),
-             "grid_val_seed0": row["grid_val_seed0"],
+             "grid_seed0": row["grid_seed0"],
              "val": mean_std([r["val"] for r in runs])}
     for k in METRICS:
       entry[k] = mean_std([r[k] for r in runs])
@@ -371,6 +392,21 @@ def summarize(quick, seeds, timing):
     entry["int4_degradation_vs_adamw"] = paired(
         [{**r, "d": r["bpb_int4"] - r["test"]} for r in runs],
         [{**r, "d": r["bpb_int4"] - r["test"]} for r in base], "d", "d")
+    if name in SAM_METHODS and row["largest"][1]:
+      h_big, strong = row["largest"]
+      entry["largest_radius"] = {
+          "h": h_big, "seeds": [r["seed"] for r in strong],
+          "test": mean_std([r["test"] for r in strong]),
+          "vs_adamw": paired(strong, base),
+          "int4_degradation": mean_std(
+              [r["bpb_int4"] - r["test"] for r in strong]),
+          "int4_vs_adamw": paired(strong, base, "bpb_int4", "bpb_int4"),
+          "int4_degradation_vs_adamw": paired(
+              [{**r, "d": r["bpb_int4"] - r["test"]} for r in strong],
+              [{**r, "d": r["bpb_int4"] - r["test"]} for r in base], "d",
+              "d"),
+          "forgetting_vs_adamw": paired(strong, base, "forgetting",
+                                        "forgetting")}
     entry["seconds_per_run"] = float(np.mean([r["seconds"] for r in runs]))
     t = timing.get(name) if timing else None
     entry["step_time_vs_adamw"] = (
@@ -417,16 +453,26 @@ def markdown(rows, meta):
         f"{_ms(r['int8_degradation'], 4)} | {_ms(r['int4_degradation'])} | "
         f"{_ms(r['forgetting'])} | "
         f"{'-' if step is None else format(step['median'], '.2f')} |")
-  lines += ["", "Radius selection: validation bpb of seed 0 over each "
-            "grid (the chosen value in bold).", "",
-            "| method | grid: val bpb (seed 0) |", "|---|---|"]
+  base0 = rows.get("adamw", {}).get("grid_seed0", {}).get("-")
+  lines += ["", "Radius selection, seed 0 over each grid (the chosen value "
+            "in bold): validation bpb (what chose), and for information "
+            "the test bpb, int4 − float and forgetting of the same runs"
+            + ("" if base0 is None else
+               f" (AdamW seed 0: val {base0['val']:.4f}, test "
+               f"{base0['test']:.4f}, int4 − float "
+               f"{base0['int4_degradation']:.4f}, forgetting "
+               f"{base0['forgetting']:.4f})") + ".", "",
+            "| method | ρ | val bpb | test bpb | int4 − float | forgetting |",
+            "|---|---|---|---|---|---|"]
   for name, r in rows.items():
     if name in SAM_METHODS:
-      cells = []
-      for g, v in r["grid_val_seed0"].items():
-        s = f"{g}: {'-' if v is None else f'{v:.4f}'}"
-        cells.append(f"**{s}**" if g == fmt_h(r["h"]) else s)
-      lines.append(f"| {r['label']} | {'; '.join(cells)} |")
+      for g, v in r["grid_seed0"].items():
+        cell = (["-"] * 4 if v is None else
+                [f"{v[k]:.4f}" for k in ("val", "test", "int4_degradation",
+                                         "forgetting")])
+        if g == fmt_h(r["h"]):
+          cell[0] = f"**{cell[0]}**"
+        lines.append(f"| {r['label']} | {g} | {' | '.join(cell)} |")
   lines += ["", "Robustness against AdamW's, paired per seed: forgetting "
             "Δ and (int4 − float) Δ.", "",
             "| method | forgetting Δ vs AdamW | int4 degradation Δ vs AdamW "
@@ -435,6 +481,20 @@ def markdown(rows, meta):
     if name != "adamw":
       lines.append(f"| {r['label']} | {_delta(r['forgetting_vs_adamw'])} "
                    f"| {_delta(r['int4_degradation_vs_adamw'])} |")
+  strong = {n: r["largest_radius"] for n, r in rows.items()
+            if "largest_radius" in r}
+  if strong:
+    lines += ["", "At each grid's largest radius (not selected: the "
+              "robustness measures where the perturbation is strong), "
+              "paired per seed against AdamW.", "",
+              "| method | ρ | seeds | test Δ | int4 bpb Δ | (int4 − float) Δ "
+              "| forgetting Δ |", "|---|---|---|---|---|---|---|"]
+    for n, r in strong.items():
+      lines.append(
+          f"| {rows[n]['label']} | {fmt_h(r['h'])} | {len(r['seeds'])} | "
+          f"{_delta(r['vs_adamw'])} | {_delta(r['int4_vs_adamw'])} | "
+          f"{_delta(r['int4_degradation_vs_adamw'])} | "
+          f"{_delta(r['forgetting_vs_adamw'])} |")
   if meta.get("missing"):
     lines += ["", f"Not yet run: {', '.join(meta['missing'])}."]
   return "\n".join(lines) + "\n"
