@@ -89,3 +89,13 @@ def test_paired_difference_and_radius_choice(monkeypatch, tmp_path):
     LM.save_json(LM.run_path(False, "sam", {"rho": rho}, 0), {"val": val})
   assert LM.choose(False, "sam") == ({"rho": 0.01}, 3.2)
   assert LM.choose(False, "psam") is None
+  # Seed 1 on part of the grid: still seed 0 alone.
+  LM.save_json(LM.run_path(False, "sam", {"rho": 0.003}, 1), {"val": 3.0})
+  assert LM.selection_seeds(False, "sam") == [0]
+  assert LM.choose(False, "sam") == ({"rho": 0.01}, 3.2)
+  # The whole grid on seed 1: the mean over both seeds chooses.
+  for rho, val in ((0.001, 3.5), (0.01, 3.3), (0.03, 3.0)):
+    LM.save_json(LM.run_path(False, "sam", {"rho": rho}, 1), {"val": val})
+  assert LM.selection_seeds(False, "sam") == [0, 1]
+  h, val = LM.choose(False, "sam")
+  assert h == {"rho": 0.003} and val == pytest.approx(3.15)
