@@ -99,7 +99,7 @@ METHODS = {
         b), weight=1.0),
     "adamw_2x": Method("AdamW 2x steps", lambda b, h, n:
                        optax.with_extra_args_support(b), epochs=2,
-                       weight=2.0),
+                       weight=1.0),  # Times epochs: twice AdamW's run.
     "sam": Method("SAM", lambda b, h, n: sam_optax.sam(b, rho=h["rho"]),
                   SMALL),
     "psam": Method("preconditioned SAM", lambda b, h, n:
@@ -419,7 +419,8 @@ def summarize(quick, seeds, timing):
     entry["int4_degradation_vs_adamw"] = paired(
         [{**r, "d": r["bpb_int4"] - r["test"]} for r in runs],
         [{**r, "d": r["bpb_int4"] - r["test"]} for r in base], "d", "d")
-    if name in SAM_METHODS and row["largest"][1]:
+    if (name in SAM_METHODS and row["largest"][1]
+        and len(grid_of(name, quick)) > 1):
       h_big, strong = row["largest"]
       entry["largest_radius"] = {
           "h": h_big, "seeds": [r["seed"] for r in strong],
