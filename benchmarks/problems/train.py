@@ -37,7 +37,7 @@ import sam_optax
 
 from ._base import Functional, Problem
 
-KINDS = ("grad_fn", "esam", "mesa", "saf")
+KINDS = ("grad_fn", "esam", "mesa", "saf", "functional")
 TAU = 1.0  # MESA/SAF temperature (at the paper's 5, large λ diverges here).
 
 
@@ -87,6 +87,8 @@ def make_step(problem: Problem, f: Functional, tx, kind: str = "grad_fn",
   """
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  if kind == "functional":
+    return make_functional_step(problem, f, tx, count)
 
   def step(carry: Carry, batch):
     params, rest, opt_state, perturbed = carry
@@ -393,17 +395,3 @@ def make_functional_step(problem: Problem, f: Functional, tx,
     return Carry(params, new_rest, opt_state, perturbed), value
 
   return step
-
-
-KINDS = KINDS + ("functional",)
-_make_step_one_gradient = make_step
-
-
-def make_step(problem: Problem, f: Functional, tx,  # noqa: F811
-              kind: str = "grad_fn", count: bool = False,
-              value_and_grad: bool = False) -> Callable:
-  """:func:`make_step` above, plus ``kind="functional"``
-  (:func:`make_functional_step`)."""
-  if kind == "functional":
-    return make_functional_step(problem, f, tx, count)
-  return _make_step_one_gradient(problem, f, tx, kind, count, value_and_grad)
