@@ -349,9 +349,8 @@ def np_float(x) -> float:
 
 
 # ----------------------------------------------------------------------------
-# Functional-SAM's kind (issue 24): added below the loop, so that
-# ``make_step``, ``make_train`` and ``scan_runner`` take ``kind="functional"``
-# without a change to the lines above.
+# Functional-SAM's kind (issue 24): ``make_step`` (hence ``make_train`` and
+# ``scan_runner``) hands ``kind="functional"`` to this step.
 # ----------------------------------------------------------------------------
 
 
