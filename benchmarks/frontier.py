@@ -59,7 +59,6 @@ with every run of a setting done) and times only if asked (``--retime``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -81,7 +80,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import sam_optax  # noqa: E402
-from benchmarks import problems  # noqa: E402
+from benchmarks import _runs, problems  # noqa: E402
 from benchmarks.problems import train as T  # noqa: E402
 
 CACHE = os.path.join(HERE, "results", "local", "frontier_cache")
@@ -204,14 +203,6 @@ def grid_of(problem, name):
   return tuple(problem.grids.get(name, METHODS[name].grid))
 
 
-def fmt_h(h) -> str:
-  return " ".join(f"{k}={v:g}" for k, v in sorted(h.items())) or "-"
-
-
-def h_key(h) -> str:
-  return "_".join(f"{k}={v:g}" for k, v in sorted(h.items())) or "default"
-
-
 # ----------------------------------------------------------------------------
 # The cache.
 # ----------------------------------------------------------------------------
@@ -224,22 +215,6 @@ def cache_dir(problem_name, quick):
 def run_path(problem_name, quick, method, setting, h, seed):
   return os.path.join(cache_dir(problem_name, quick), method, setting,
                       h_key(h), f"seed{seed}.json")
-
-
-def load_run(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def save_json(path, data):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -273,25 +248,9 @@ def grid_for(problem, quick, name, setting, seeds):
   return () if chosen is None else ({"rho": chosen[0]["rho"]},)
 
 
-class Progress:
-  """A line per run with the time left, weighted by each run's cost."""
-
-  def __init__(self, todo_weight):
-    self.todo = todo_weight
-    self.done = 0.0
-    self.seconds = 0.0
-    self.start = time.perf_counter()
-
-  def update(self, weight, seconds):
-    self.todo -= weight
-    self.done += weight
-    self.seconds += seconds
-
-  def left(self):
-    if not self.done:
-      return "?"
-    s = self.todo * self.seconds / self.done
-    return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
+Progress = _runs.Progress
+fmt_h, h_key, save_json = _runs.fmt_h, _runs.h_key, _runs.save_json
+load_run = _runs.load_json
 
 
 def planned(problem, quick, names, settings, seeds):
@@ -390,20 +349,8 @@ def time_steps(problem, quick, chosen, rounds, log, repeats=2,
                                                         batches))
   log(f"  timing {len(names)} steps at batch {b}: {rounds} rounds x "
       f"{steps} steps, fastest of {repeats}")
-  ratios = {name: [] for name in names}
-  for r in range(rounds):
-    order = names[r % len(names):] + names[:r % len(names)]
-    seconds = {}
-    for name in order:
-      best = float("inf")
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        carries[name] = jax.block_until_ready(
-            runners[name](carries[name], batches))
-        best = min(best, time.perf_counter() - t0)
-      seconds[name] = best
-    for name in names:
-      ratios[name].append(seconds[name] / seconds["sgd"])
+  ratios, carries = _runs.interleaved_ratios(
+      runners, carries, batches, names, "sgd", rounds, repeats)
   out = {}
   for name in names:
     q = np.percentile(ratios[name], [25, 50, 75])

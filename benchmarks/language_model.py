@@ -60,7 +60,7 @@ import numpy as np
 import optax
 
 import sam_optax
-from benchmarks import _output
+from benchmarks import _output, _runs
 from benchmarks import problems as P
 from benchmarks.problems import train as T
 
@@ -121,36 +121,12 @@ def grid_of(name, quick):
   return grid[mid:mid + 1] if quick else grid
 
 
-def h_key(h) -> str:
-  return "_".join(f"{k}={v:g}" for k, v in sorted(h.items())) or "default"
-
-
-def fmt_h(h) -> str:
-  return " ".join(f"{k}={v:g}" for k, v in sorted(h.items())) or "-"
-
-
 def cache_dir(quick):
   return os.path.join(CACHE, "text-lm" + ("-quick" if quick else ""))
 
 
 def run_path(quick, name, h, seed):
   return os.path.join(cache_dir(quick), name, h_key(h), f"seed{seed}.json")
-
-
-def load_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def save_json(path, data):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
 
 
 def selection_seeds(quick, name, max_seeds=10):
@@ -200,22 +176,9 @@ def plan(quick, seeds):
   return first, rest
 
 
-class Progress:
-  """A line per run with the time left, weighted by each run's cost."""
-
-  def __init__(self, todo):
-    self.todo, self.done, self.seconds = todo, 0.0, 0.0
-
-  def update(self, weight, seconds):
-    self.todo -= weight
-    self.done += weight
-    self.seconds += seconds
-
-  def left(self):
-    if not self.done:
-      return "?"
-    s = self.todo * self.seconds / self.done
-    return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
+Progress = _runs.Progress
+fmt_h, h_key, save_json = _runs.fmt_h, _runs.h_key, _runs.save_json
+load_json = _runs.load_json
 
 
 def train_all(quick, seeds, log):
@@ -303,20 +266,8 @@ def time_steps(quick, chosen, rounds, log, repeats=2, target_seconds=0.3):
                                                         batches))
   log(f"  timing {len(names)} steps: {rounds} rounds x {steps} steps, "
       f"fastest of {repeats}")
-  ratios = {name: [] for name in names}
-  for r in range(rounds):
-    order = names[r % len(names):] + names[:r % len(names)]
-    seconds = {}
-    for name in order:
-      best = float("inf")
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        carries[name] = jax.block_until_ready(
-            runners[name](carries[name], batches))
-        best = min(best, time.perf_counter() - t0)
-      seconds[name] = best
-    for name in names:
-      ratios[name].append(seconds[name] / seconds["adamw"])
+  ratios, carries = _runs.interleaved_ratios(
+      runners, carries, batches, names, "adamw", rounds, repeats)
   out = {}
   for name in names:
     q = np.percentile(ratios[name], [25, 50, 75])
